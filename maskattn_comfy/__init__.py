@@ -1,0 +1,1 @@
+"""Where MaskAttn speaks ComfyUI: model checks, the attn2 patch, and the gate folder."""

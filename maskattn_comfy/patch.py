@@ -1,0 +1,216 @@
+"""Apply a MaskAttn gate set to a ComfyUI MODEL through its attn2 hooks.
+
+Two hooks per patched model, sharing one `MaskAttnPatch`:
+- the attn2 patch sees norm2(x) before `to_q` and the raw text context before `to_k`/`to_v`
+  (the paper's gate inputs), computes the hard gate and leaves an additive [B,1,N,T] mask
+  in `extra_options`, the dict ComfyUI passes to both hooks of one block call;
+- the attn2 replace on each gated key takes that mask and runs ComfyUI's own optimized
+  attention with `mask=`, so the user's attention backend still does the work.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+
+import torch
+
+import comfy.ldm.modules.attention as comfy_attention
+from maskattn_core import GateSet, LayerKey, additive_mask, closed_logit, hard_gate, layer_name, straight_through
+
+from .model_check import SDXL_CONTEXT_DIM, require_sdxl
+
+MASK_KEY = "maskattn_mask"
+log = logging.getLogger("MaskAttn")
+
+
+class PatchConflictError(ValueError):
+    """Another node already replaces cross-attention on a layer MaskAttn needs."""
+
+
+@dataclass(frozen=True)
+class PatchOptions:
+    strength: float = 1.0
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+    threshold: float | None = None  # None: the gate set's own
+
+    def __post_init__(self):
+        if not 0.0 <= self.strength <= 1.0:
+            raise ValueError(f"strength must lie in [0, 1], got {self.strength}")
+        if not 0.0 <= self.start_percent <= self.end_percent <= 1.0:
+            raise ValueError(f"need 0 <= start_percent <= end_percent <= 1, got {self.start_percent} and {self.end_percent}")
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must lie in [0, 1], got {self.threshold}")
+
+
+class MaskAttnPatch:
+    """The state both hooks share: gates, options, and small per-call caches.
+
+    `recorder`, when set, is told every gate (`recorder.gate(key, probabilities, hard,
+    extra_options)`) and every masked attention (`recorder.attention(key, q, k, mask, heads,
+    extra_options)`); Visualize Mask uses it.
+    """
+
+    def __init__(self, gate_set: GateSet, options: PatchOptions, sigma_range: tuple[float, float] | None,
+                 recorder=None):
+        self.gate_set = gate_set
+        self.options = options
+        self.threshold = gate_set.config.threshold if options.threshold is None else options.threshold
+        self.penalty = closed_logit(options.strength, gate_set.config.negative_value)
+        self.sigma_range = sigma_range  # (sigma_start, sigma_end) or None for the whole schedule
+        self.recorder = recorder
+        self.keys = {tuple(key): gate_set.layer_heads[layer_name(key)] for key in gate_set.layers}
+        self._heads_by_device: dict[torch.device, torch.nn.ModuleDict] = {}
+        self._token_cache: dict[str, tuple] = {}
+        self._last_sigmas = None
+        self._last_active = True
+        self._pending = None
+        self._warned_run = None
+
+    def __deepcopy__(self, memo):
+        # ModelPatcher.clone() deep-copies model_options; the gates are shared, never copied.
+        return self
+
+    # -- the attn2 patch -------------------------------------------------------------------
+    def __call__(self, n, context, value, extra_options):
+        block = extra_options.get("block")
+        head_name = self.keys.get((block[0], block[1], extra_options.get("block_index", 0))) if block else None
+        if head_name is None or not self._active(extra_options):
+            return n, context, value
+        self._check_pending(extra_options)
+        head = self._heads_on(n.device)[head_name]
+        tokens = self._token_features(head_name, head, context, extra_options)
+        probabilities = torch.sigmoid(head.logits(n, context, tokens))
+        hard = hard_gate(probabilities, self.threshold)
+        extra_options[MASK_KEY] = additive_mask(straight_through(hard, probabilities), self.penalty, n.dtype)
+        self._pending = extra_options
+        if self.recorder is not None:
+            self.recorder.gate(LayerKey(block[0], block[1], extra_options.get("block_index", 0)),
+                               probabilities, hard, extra_options)
+        return n, context, value
+
+    # -- the attn2 replace -----------------------------------------------------------------
+    def attention(self, q, k, v, extra_options):
+        mask = extra_options.pop(MASK_KEY, None)
+        heads, precision = extra_options["n_heads"], extra_options["attn_precision"]
+        if mask is None:  # outside the step range: exactly ComfyUI's own path
+            return comfy_attention.optimized_attention(q, k, v, heads, attn_precision=precision,
+                                                       transformer_options=extra_options)
+        if mask.dtype != q.dtype:
+            mask = mask.to(q.dtype)
+        if self.recorder is not None:
+            block = extra_options["block"]
+            self.recorder.attention(LayerKey(block[0], block[1], extra_options.get("block_index", 0)),
+                                    q, k, mask, heads, extra_options)
+        return comfy_attention.optimized_attention_masked(q, k, v, heads, mask, attn_precision=precision,
+                                                          transformer_options=extra_options)
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _active(self, extra_options) -> bool:
+        if self.sigma_range is None:
+            return True
+        sigmas = extra_options.get("sigmas")
+        if sigmas is None:
+            return True
+        if sigmas is not self._last_sigmas:  # once per model call, not once per layer
+            sigma = float(sigmas.max())
+            self._last_active = self.sigma_range[1] <= sigma <= self.sigma_range[0]
+            self._last_sigmas = sigmas
+        return self._last_active
+
+    def _heads_on(self, device: torch.device) -> torch.nn.ModuleDict:
+        heads = self._heads_by_device.get(device)
+        if heads is None:
+            heads = self.gate_set.heads
+            if next(heads.parameters()).device != device:  # lowvram/offload: one copy per device, not per call
+                heads = torch.nn.ModuleDict({name: _copy_to(h, device) for name, h in heads.items()})
+            self._heads_by_device[device] = heads
+        return heads
+
+    def _token_features(self, head_name, head, context, extra_options):
+        # Every gated layer of one model call sees the same context tensor: compute g(e) once per head.
+        sigmas = extra_options.get("sigmas")
+        cached = self._token_cache.get(head_name)
+        grad = torch.is_grad_enabled()
+        if (cached is not None and cached[0] is context and cached[1] == context._version
+                and cached[2] is sigmas and cached[3] == grad and cached[4] is head):
+            return cached[5]
+        tokens = head.token_features(context)
+        self._token_cache[head_name] = (context, context._version, sigmas, grad, head, tokens)
+        return tokens
+
+    def _check_pending(self, extra_options):
+        pending, self._pending = self._pending, None
+        if pending is None or MASK_KEY not in pending:
+            return
+        pending.pop(MASK_KEY, None)
+        run = extra_options.get("sample_sigmas")
+        if run is None or run is not self._warned_run:
+            self._warned_run = run
+            block = pending.get("block")
+            where = f"{block[0]}.{block[1]}.{pending.get('block_index', 0)}" if block else "a gated layer"
+            log.warning("MaskAttn: the gate mask for %s was computed but not applied: a node after MaskAttn "
+                        "Loader replaced its cross-attention. Put MaskAttn Loader last in the MODEL chain, "
+                        "or remove the other attention patch.", where)
+
+    def release_caches(self):
+        self._token_cache.clear()
+        self._pending = None
+
+
+def _copy_to(head, device):
+    return copy.deepcopy(head).to(device)
+
+
+def is_maskattn_patch(obj) -> bool:
+    return isinstance(obj, MaskAttnPatch) or isinstance(getattr(obj, "__self__", None), MaskAttnPatch)
+
+
+def find_maskattn_patch(model) -> MaskAttnPatch | None:
+    """The MaskAttnPatch a MODEL carries, if any."""
+    patches = model.model_options.get("transformer_options", {}).get("patches", {}).get("attn2_patch", [])
+    for p in patches:
+        if isinstance(p, MaskAttnPatch):
+            return p
+    return None
+
+
+def apply_maskattn(model, gate_set: GateSet, options: PatchOptions = PatchOptions(), recorder=None):
+    """A clone of `model` (a ModelPatcher) with MaskAttn gates; `model` itself is untouched."""
+    layer_channels = require_sdxl(model)
+    gate_set.check_fits(layer_channels, SDXL_CONTEXT_DIM)
+    patched = model.clone()
+    if options.strength == 0.0:
+        return patched  # the original attention path, no work at all
+    transformer_options = patched.model_options.setdefault("transformer_options", {})
+    _remove_previous_maskattn(transformer_options)
+    replaced = transformer_options.get("patches_replace", {}).get("attn2", {})
+    for key in gate_set.layers:
+        for taken in (tuple(key), tuple(key[:2])):
+            if taken in replaced:
+                raise PatchConflictError(
+                    f"MaskAttn needs the cross-attention (attn2) replace on {layer_name(key)} (ComfyUI key {taken}), "
+                    "but another node already replaces attention there, and only one replace can run per layer. "
+                    "Remove that node from this MODEL chain or limit it to other blocks; MaskAttn Loader cannot "
+                    "combine with it on the same layer.")
+    sigma_range = None
+    if (options.start_percent, options.end_percent) != (0.0, 1.0):
+        sampling = patched.get_model_object("model_sampling")
+        sigma_range = (sampling.percent_to_sigma(options.start_percent), sampling.percent_to_sigma(options.end_percent))
+    patch = MaskAttnPatch(gate_set, options, sigma_range, recorder)
+    patched.set_model_attn2_patch(patch)
+    for key in gate_set.layers:
+        patched.set_model_attn2_replace(patch.attention, *key)
+    return patched
+
+
+def _remove_previous_maskattn(transformer_options: dict) -> None:
+    """A second MaskAttn Loader on the same MODEL replaces the first instead of stacking."""
+    patches = transformer_options.get("patches", {})
+    if "attn2_patch" in patches:
+        patches["attn2_patch"] = [p for p in patches["attn2_patch"] if not is_maskattn_patch(p)]
+    attn2 = transformer_options.get("patches_replace", {}).get("attn2", {})
+    for key in [k for k, fn in attn2.items() if is_maskattn_patch(fn)]:
+        del attn2[key]

@@ -1,0 +1,60 @@
+"""From gate probabilities to the additive attention mask, in the paper's terms.
+
+probability = sigmoid(gate logits); hard gate = probability > threshold (a location with
+no open token keeps its most probable one); the forward pass uses the hard gate and the
+backward pass the probabilities (straight-through); closed connections get a negative
+value added to the attention logits before the softmax.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def gate_probabilities(logits: Tensor) -> Tensor:
+    return torch.sigmoid(logits)
+
+
+def hard_gate(probabilities: Tensor, threshold: float = 0.5) -> Tensor:
+    """1 where probability > threshold (strict), else 0; an all-closed row keeps its argmax.
+
+    Without the fallback a fully closed row would softmax over -10000 everywhere, which is
+    uniform attention rather than "attend to nothing".
+    """
+    hard = (probabilities > threshold).to(probabilities.dtype)
+    empty = hard.amax(dim=-1, keepdim=True) == 0
+    if bool(empty.any()):
+        fallback = torch.zeros_like(hard).scatter_(-1, probabilities.argmax(dim=-1, keepdim=True), 1.0)
+        hard = torch.where(empty, fallback, hard)
+    return hard
+
+
+def straight_through(hard: Tensor, probabilities: Tensor) -> Tensor:
+    """Forward: the hard gate; backward: d/dprobabilities (straight-through estimator)."""
+    if not probabilities.requires_grad:
+        return hard
+    return hard.detach() - probabilities.detach() + probabilities
+
+
+def closed_logit(strength: float, negative_value: float = -10000.0) -> float:
+    """The logit penalty of a closed connection.
+
+    strength 1 is the paper's hard mask (negative_value); below 1 a closed connection keeps
+    (1 - strength) of its softmax weight before renormalisation: penalty log(1 - strength).
+    """
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must lie in [0, 1], got {strength}")
+    if strength >= 1.0:
+        return float(negative_value)
+    return max(math.log1p(-strength), float(negative_value))
+
+
+def additive_mask(gate: Tensor, penalty: float = -10000.0, dtype: torch.dtype | None = None) -> Tensor:
+    """[B,N,T] gate -> [B,1,N,T] additive logit mask: 0 where open, `penalty` where closed."""
+    mask = (1.0 - gate) * penalty
+    if dtype is not None:
+        mask = mask.to(dtype)
+    return mask.unsqueeze(1)

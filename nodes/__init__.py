@@ -1,0 +1,5 @@
+"""The nodes this pack adds to ComfyUI; each module only declares nodes."""
+
+from .loader import MaskAttnLoader
+
+NODES = [MaskAttnLoader]
