@@ -1,0 +1,65 @@
+"""Tests run against a real ComfyUI (scripts/setup.sh makes one) on the CPU."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from maskattn_comfy import host  # noqa: E402
+
+COMFYUI = host.boot(cpu=True)
+FIXTURES = Path(os.environ.get("MASKATTN_FIXTURES", REPO.parent / "shared" / "fixtures" / "official"))
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    if not FIXTURES.is_dir():
+        pytest.fail(f"the official fixtures are missing at {FIXTURES}; set MASKATTN_FIXTURES")
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def pack(tmp_path_factory):
+    """The pack loaded the way ComfyUI loads it: a folder in custom_nodes/, through nodes.load_custom_node."""
+    import nodes
+
+    custom_nodes = tmp_path_factory.mktemp("custom_nodes")
+    link = custom_nodes / "ComfyUI-MaskAttn"
+    link.symlink_to(REPO, target_is_directory=True)
+    assert asyncio.run(nodes.load_custom_node(str(link))), "ComfyUI failed to load the pack"
+    return nodes.NODE_CLASS_MAPPINGS
+
+
+@pytest.fixture
+def gate_folder(tmp_path, pack):
+    """An empty models/maskattn folder that ComfyUI's folder_paths will list."""
+    import folder_paths
+
+    folder = tmp_path / "maskattn"
+    folder.mkdir()
+    paths, exts = folder_paths.folder_names_and_paths["maskattn"]
+    folder_paths.folder_names_and_paths["maskattn"] = ([str(folder)] + paths, exts)
+    folder_paths.filename_list_cache.clear() if hasattr(folder_paths, "filename_list_cache") else None
+    yield folder
+    folder_paths.folder_names_and_paths["maskattn"] = (paths, exts)
+
+
+@pytest.fixture
+def attention_backend(request):
+    """Switch ComfyUI's optimized attention to one named backend for a test, then back."""
+    import comfy.ldm.modules.attention as attention
+
+    saved = attention.optimized_attention, attention.optimized_attention_masked
+    fn = {"pytorch": attention.attention_pytorch, "split": attention.attention_split,
+          "sub_quad": attention.attention_sub_quad, "basic": attention.attention_basic}[request.param]
+    attention.optimized_attention = attention.optimized_attention_masked = fn
+    yield request.param
+    attention.optimized_attention, attention.optimized_attention_masked = saved

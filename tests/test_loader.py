@@ -1,0 +1,205 @@
+"""MaskAttn Loader on a real ComfyUI: parity with the authors, identity when off, the sampler's corners."""
+
+import shutil
+
+import pytest
+import torch
+
+import comfy.sample
+from comfy_kit import fixture_inputs, fixture_unet, read_fixture, run_unet
+from maskattn_comfy.patch import MASK_KEY, MaskAttnPatch, PatchOptions, apply_maskattn, find_maskattn_patch
+from maskattn_comfy.model_check import require_sdxl
+from maskattn_comfy.tiny_model import build_sdxl_model, tiny_conditioning
+from maskattn_core import GateHead, GateSet, MaskAttnConfig, save_gate_file
+from test_core_parity import CASES, load_case
+
+BACKENDS = ["pytorch", "split", "sub_quad", "basic"]
+
+
+class Recorder:
+    def __init__(self):
+        self.hard, self.probabilities = {}, {}
+
+    def gate(self, key, probabilities, hard, extra_options):
+        self.probabilities[key], self.hard[key] = probabilities, hard
+
+    def attention(self, key, q, k, mask, heads, extra_options):
+        pass
+
+
+def loader(pack, model, name, strength=1.0, start=0.0, end=1.0):
+    return pack["MaskAttnLoader"].execute(model, name, strength, start, end).result[0]
+
+
+def sample(model, seed=0, steps=3, cfg=5.0, positive=None, negative=None, shape=(1, 4, 16, 16)):
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    positive = positive or tiny_conditioning(shape[0], seed=1)
+    negative = negative or tiny_conditioning(shape[0], seed=2)
+    return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", positive, negative,
+                               torch.zeros(shape), seed=seed, disable_pbar=True)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_sdxl_model(seed=0)
+
+
+def tiny_gates(model, seed=1, bias=None, **config):
+    gates = GateSet.create(MaskAttnConfig(gate_hidden_dim=16, **config), require_sdxl(model), seed=seed)
+    if bias is not None:
+        with torch.no_grad():
+            for head in gates.heads.values():
+                head.logit_bias.fill_(bias)
+    return gates
+
+
+# -- parity with the authors' implementation ----------------------------------------------
+
+@pytest.mark.parametrize("attention_backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("case", CASES)
+def test_layer_cases_through_comfyui_attention(fixtures_dir, case, attention_backend):
+    from comfy.ldm.modules.attention import CrossAttention
+
+    tensors, meta, head = load_case(fixtures_dir, case)
+    heads, dim_head = int(meta["heads"]), int(meta["dim_head"])
+    channels = tensors["input.hidden_states"].shape[-1]
+    layer = CrossAttention(channels, 2048, heads=heads, dim_head=dim_head)
+    layer.load_state_dict({k[len("attn."):].replace("to_out.0", "to_out.0"): v
+                           for k, v in tensors.items() if k.startswith("attn.")})
+    gates = GateSet(MaskAttnConfig(gate_hidden_dim=head.hidden_dim), {"mid": head}, {"input.7.0": "mid"})
+    recorder = Recorder()
+    patch = MaskAttnPatch(gates, PatchOptions(), None, recorder)
+    x, context = tensors["input.hidden_states"], tensors["input.encoder_hidden_states"]
+    extra_options = {"block": ("input", 7), "block_index": 0, "n_heads": heads, "dim_head": dim_head,
+                     "attn_precision": None}
+    with torch.no_grad():
+        n, context, value = patch(x, context, context, extra_options)
+        out = layer.to_out(patch.attention(layer.to_q(n), layer.to_k(context), layer.to_v(value), extra_options))
+    assert torch.equal(recorder.hard[("input", 7, 0)], tensors["expected.hard_gate"])
+    assert (out - tensors["expected.output"]).abs().max() < 1e-5
+
+
+def test_tiny_unet_with_official_checkpoint_through_the_loader_node(fixtures_dir, pack, gate_folder):
+    tensors, y = fixture_inputs(fixtures_dir)
+    model = fixture_unet(fixtures_dir)
+    shutil.copy(fixtures_dir / "official_tiny_mid.pt", gate_folder / "official_tiny_mid.pt")
+    patched = loader(pack, model, "official_tiny_mid.pt")
+    args = (tensors["input.sample"], torch.tensor([500.0]), tensors["input.encoder_hidden_states"], y)
+    plain_error = (run_unet(model, *args) - tensors["expected.sample_without_gates"]).abs().max()
+    gated_error = (run_unet(patched, *args) - tensors["expected.sample"]).abs().max()
+    assert plain_error < 1e-5, plain_error
+    assert gated_error < 1e-4, gated_error
+    assert (tensors["expected.sample"] - tensors["expected.sample_without_gates"]).abs().max() > 1e-2
+
+
+def test_converted_checkpoint_gives_the_same_output(fixtures_dir, pack, gate_folder, tmp_path):
+    from maskattn_core.convert import main as convert
+
+    tensors, y = fixture_inputs(fixtures_dir)
+    model = fixture_unet(fixtures_dir)
+    assert convert([str(fixtures_dir / "official_tiny_mid.pt"), str(gate_folder / "converted.safetensors")]) == 0
+    shutil.copy(fixtures_dir / "official_tiny_mid.pt", gate_folder / "official.pt")
+    args = (tensors["input.sample"], torch.tensor([500.0]), tensors["input.encoder_hidden_states"], y)
+    converted = run_unet(loader(pack, model, "converted.safetensors"), *args)
+    official = run_unet(loader(pack, model, "official.pt"), *args)
+    assert torch.equal(converted, official)
+
+
+# -- off means off -------------------------------------------------------------------------
+
+def test_all_open_gates_sample_exactly_like_the_unpatched_model(tiny):
+    gates = tiny_gates(tiny, bias=50.0)
+    assert torch.equal(sample(apply_maskattn(tiny, gates)), sample(tiny))
+
+
+def test_strength_zero_is_the_unpatched_model_with_no_hooks(tiny):
+    patched = apply_maskattn(tiny, tiny_gates(tiny), PatchOptions(strength=0.0))
+    assert find_maskattn_patch(patched) is None
+    assert torch.equal(sample(patched), sample(tiny))
+
+
+def test_a_step_range_that_excludes_every_step_is_the_unpatched_model(tiny):
+    patched = apply_maskattn(tiny, tiny_gates(tiny), PatchOptions(start_percent=1.0, end_percent=1.0))
+    assert torch.equal(sample(patched), sample(tiny))
+
+
+def test_gates_change_the_sample_and_strength_scales_the_change(tiny):
+    gates = tiny_gates(tiny)
+    plain = sample(tiny)
+    full = sample(apply_maskattn(tiny, gates))
+    half = sample(apply_maskattn(tiny, gates, PatchOptions(strength=0.5)))
+    assert torch.isfinite(full).all()
+    assert 0 < (half - plain).abs().mean() < (full - plain).abs().mean()
+
+
+def test_step_range_gates_only_the_steps_inside_it(tiny):
+    gates = tiny_gates(tiny)
+    calls = []
+
+    class Count(Recorder):
+        def gate(self, key, probabilities, hard, extra_options):
+            calls.append(float(extra_options["sigmas"].max()))
+
+    sampling = tiny.get_model_object("model_sampling")
+    patched = apply_maskattn(tiny, gates, PatchOptions(start_percent=0.5, end_percent=1.0), recorder=Count())
+    sample(patched, steps=4, cfg=1.0)
+    sigma_start = sampling.percent_to_sigma(0.5)
+    assert calls and all(s <= sigma_start for s in calls)
+    assert len(set(calls)) < 4
+
+
+# -- everything the sampler throws at attention ---------------------------------------------
+
+@pytest.mark.parametrize("attention_backend", BACKENDS, indirect=True)
+def test_each_backend_samples_with_masks(tiny, attention_backend):
+    gates = tiny_gates(tiny)
+    patched, plain = sample(apply_maskattn(tiny, gates)), sample(tiny)
+    assert torch.isfinite(patched).all() and not torch.equal(patched, plain)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models(dtype):
+    model = build_sdxl_model(seed=0, dtype=dtype)
+    recorder = Recorder()
+    patched = apply_maskattn(model, tiny_gates(model), recorder=recorder)
+    out = sample(patched, steps=2)
+    assert torch.isfinite(out).all()
+    assert all(p.dtype == torch.float32 for p in recorder.probabilities.values())
+
+
+def test_batch_of_two_long_prompt_against_short_negative_non_square_latent(tiny):
+    recorder = Recorder()
+    patched = apply_maskattn(tiny, tiny_gates(tiny), recorder=recorder)
+    positive = tiny_conditioning(2, tokens=154, seed=3)
+    negative = tiny_conditioning(2, tokens=77, seed=4)
+    # 72x40 pixels: 9x5 latent, sides that are not multiples of 64 pixels; the UNet rounds 5 -> 3 -> 2.
+    out = sample(patched, positive=positive, negative=negative, shape=(2, 4, 9, 5))
+    assert out.shape == (2, 4, 9, 5) and torch.isfinite(out).all()
+    shapes = {key[:2]: tuple(p.shape) for key, p in recorder.probabilities.items()}
+    assert shapes[("input", 7)] == (4, 3 * 2, 154)  # cond and uncond of two, LCM-repeated to 154 tokens
+    assert shapes[("output", 2)] == (4, 3 * 2, 154)
+
+
+def test_three_conds_in_one_batch(tiny):
+    seen = []
+
+    class Layout(Recorder):
+        def gate(self, key, probabilities, hard, extra_options):
+            seen.append(list(extra_options["cond_or_uncond"]))
+
+    patched = apply_maskattn(tiny, tiny_gates(tiny), recorder=Layout())
+    two_positive = tiny_conditioning(1, seed=5) + tiny_conditioning(1, tokens=154, seed=6)
+    out = sample(patched, positive=two_positive)
+    assert torch.isfinite(out).all()
+    assert max(len(layout) for layout in seen) == 3
+
+
+def test_gates_follow_the_activations_device_once_not_per_call(tiny):
+    gates = tiny_gates(tiny)
+    patched = apply_maskattn(tiny, gates)
+    patch = find_maskattn_patch(patched)
+    sample(patched, steps=2)
+    heads = patch._heads_on(torch.device("cpu"))
+    assert heads is gates.heads  # already on the device: used as they are
+    meta = patch._heads_on(torch.device("meta"))
+    assert meta is patch._heads_on(torch.device("meta")) and next(meta.parameters()).device.type == "meta"
