@@ -134,11 +134,12 @@ class MaskAttnPatch:
         sigmas = extra_options.get("sigmas")
         cached = self._token_cache.get(head_name)
         grad = torch.is_grad_enabled()
-        if (cached is not None and cached[0] is context and cached[1] == context._version
+        version = None if context.is_inference() else context._version  # inference tensors have no counter
+        if (cached is not None and cached[0] is context and cached[1] == version
                 and cached[2] is sigmas and cached[3] == grad and cached[4] is head):
             return cached[5]
         tokens = head.token_features(context)
-        self._token_cache[head_name] = (context, context._version, sigmas, grad, head, tokens)
+        self._token_cache[head_name] = (context, version, sigmas, grad, head, tokens)
         return tokens
 
     def _check_pending(self, extra_options):

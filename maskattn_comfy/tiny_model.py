@@ -63,3 +63,53 @@ def tiny_conditioning(batch: int = 1, tokens: int = 77, seed: int = 0, width: in
     context = torch.randn(batch, tokens, 2048, generator=generator)
     pooled = torch.randn(batch, 1280, generator=generator)
     return [[context, {"pooled_output": pooled, "width": width, "height": height}]]
+
+
+TINY_VAE_CONFIG = {"embed_dim": 4, "ddconfig": {
+    "double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
+    "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}}
+
+
+def build_tiny_vae(seed: int = 0):
+    """A real comfy.sd.VAE with SDXL's latent layout (4 channels, 8x downscale) at a tiny width."""
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    module = AutoencoderKL(**TINY_VAE_CONFIG)
+    fill_(module, seed, scale=0.1)
+    return comfy.sd.VAE(sd=module.state_dict(), config={"params": TINY_VAE_CONFIG})
+
+
+def text_conditioning(text: str, tokens: int = 77, width: int = 1024, height: int = 1024):
+    """A stand-in text encoder for the tiny model: seeded 2048-wide tokens from the text's hash.
+
+    It has CLIP's shapes, not its meaning; prompts longer than 75 words get 154, 231, ... tokens.
+    """
+    import hashlib
+
+    words = len(text.split())
+    tokens = max(tokens, 77 * ((words + 74) // 75))
+    seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+    return tiny_conditioning(1, tokens=tokens, seed=seed % (2 ** 63), width=width, height=height)
+
+
+TINY_CLIP_CONFIG = {"num_hidden_layers": 3, "intermediate_size": 64, "num_attention_heads": 2}
+
+
+def build_sdxl_clip(seed: int = 0):
+    """A real comfy.sd.CLIP for SDXL (its real tokenizers, CLIP-L + CLIP-G encoders at SDXL's widths,
+    3 small layers each), with seeded weights."""
+    import comfy.sd
+    import comfy.supported_models
+
+    target = comfy.supported_models.SDXL(dict(TINY_UNET_CONFIG)).clip_target()
+    clip = comfy.sd.CLIP(target, model_options={"dtype": torch.float32, "clip_l_model_config": dict(TINY_CLIP_CONFIG),
+                                                "clip_g_model_config": dict(TINY_CLIP_CONFIG)})
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in clip.cond_stage_model.parameters():
+            # Rows drawn from a small seeded table: the 49408-token embeddings fill in a blink.
+            rows = p.view(p.shape[0], -1) if p.ndim > 1 else p.view(1, -1)
+            table = torch.randn((min(rows.shape[0], 97), rows.shape[1]), generator=generator)
+            rows.copy_(0.02 * table[torch.arange(rows.shape[0]) % table.shape[0]])
+    return clip

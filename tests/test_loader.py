@@ -203,3 +203,10 @@ def test_gates_follow_the_activations_device_once_not_per_call(tiny):
     assert heads is gates.heads  # already on the device: used as they are
     meta = patch._heads_on(torch.device("meta"))
     assert meta is patch._heads_on(torch.device("meta")) and next(meta.parameters()).device.type == "meta"
+
+
+def test_sampling_inside_inference_mode_as_the_server_runs_it(tiny):
+    gates = tiny_gates(tiny)
+    expected = sample(apply_maskattn(tiny, gates))
+    with torch.inference_mode():
+        assert torch.equal(sample(apply_maskattn(tiny, gates)), expected)

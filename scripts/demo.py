@@ -1,0 +1,96 @@
+"""The main job on an embedded default: the example workflow, end to end, on a real ComfyUI server.
+
+    .venv/bin/python scripts/demo.py [--out maskattn-demo]
+
+It trains demo gates on the tiny built-in SDXL-topology model (trainer/train.py --demo),
+starts ComfyUI on 127.0.0.1 with this pack installed, queues example_workflows/maskattn_sdxl.json
+over HTTP with the tiny model in place of the SDXL checkpoint and its text encoder, and
+writes the images (with gates and, for comparison, at strength 0) to --out.
+The tiny model has random weights: the images show the pipeline runs, not what SDXL draws.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+PACK_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PACK_ROOT))
+sys.path.insert(0, str(PACK_ROOT / "scripts"))
+
+from headless import TINY_NODES, ComfyServer, to_api_format  # noqa: E402
+from maskattn_comfy.host import find_comfyui  # noqa: E402
+
+WORKFLOW = PACK_ROOT / "example_workflows" / "maskattn_sdxl.json"
+GATES = "maskattn_sdxl.safetensors"
+
+
+def tiny_prompt(api: dict, size: int, steps: int) -> dict:
+    """Swap the SDXL checkpoint and CLIP text encoders for the tiny test nodes; shrink size and steps."""
+    for node_id, node in api.items():
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "CheckpointLoaderSimple":
+            node.update(class_type="MaskAttnTinySDXL", inputs={"seed": 0})
+        elif kind == "CLIPTextEncode":
+            node.update(class_type="MaskAttnTinyTextEncode", inputs={"text": inputs["text"]})
+        elif kind == "EmptyLatentImage":
+            inputs.update(width=size, height=size)
+        elif kind == "KSampler":
+            inputs.update(steps=steps)
+    loaders = {i for i, n in api.items() if n["class_type"] == "MaskAttnTinySDXL"}
+    for node in api.values():  # CheckpointLoaderSimple's VAE was output 2; the tiny node's is output 1
+        for name, value in node["inputs"].items():
+            if isinstance(value, list) and value[0] in loaders and value[1] == 2:
+                node["inputs"][name] = [value[0], 1]
+    return api
+
+
+def train_demo_gates(target: Path, comfyui: Path) -> None:
+    command = [sys.executable, str(PACK_ROOT / "trainer" / "train.py"), "--demo", "--comfyui", str(comfyui),
+               "--output", str(target)]
+    print("[demo] training demo gates:", " ".join(command), flush=True)
+    subprocess.run(command, check=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=PACK_ROOT / "maskattn-demo", help="where the images go")
+    parser.add_argument("--comfyui", help="a ComfyUI folder (default: COMFYUI_PATH or the one setup.sh made)")
+    parser.add_argument("--size", type=int, default=256, help="image side in pixels")
+    parser.add_argument("--steps", type=int, default=8)
+    args = parser.parse_args(argv)
+    comfyui = find_comfyui(args.comfyui)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="maskattn-demo-") as base:
+        base = Path(base)
+        server = ComfyServer(comfyui, base, extra_nodes=[TINY_NODES])
+        train_demo_gates(base / "models" / "maskattn" / GATES, comfyui)
+        print(f"[demo] starting ComfyUI at {server.url}", flush=True)
+        with server:
+            api = to_api_format(__import__("json").loads(WORKFLOW.read_text()), server.get("/object_info"))
+            api = tiny_prompt(api, args.size, args.steps)
+            for prefix, strength in (("MaskAttn", 1.0), ("Plain", 0.0)):
+                for node in api.values():
+                    if node["class_type"] == "MaskAttnLoader":
+                        node["inputs"].update(gate_name=GATES, strength=strength)
+                    if node["class_type"] == "SaveImage":
+                        node["inputs"]["filename_prefix"] = prefix
+                result = server.run(api)
+                status = result.get("status", {})
+                if status.get("status_str") != "success":
+                    print(f"[demo] the workflow failed: {status}", file=sys.stderr)
+                    return 1
+                print(f"[demo] {prefix}: done ({status.get('status_str')})", flush=True)
+        for image in sorted(server.output.glob("*.png")):
+            shutil.copy(image, args.out / image.name)
+        shutil.copy(base / "models" / "maskattn" / GATES, args.out / GATES)
+    print(f"[demo] wrote {', '.join(sorted(p.name for p in args.out.iterdir()))} to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

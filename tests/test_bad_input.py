@@ -1,0 +1,157 @@
+"""Bad input gets a clear message that says what was wrong and what to do."""
+
+import logging
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import comfy.model_patcher
+import comfy.supported_models
+from maskattn_comfy.model_check import ModelFamilyError, require_sdxl
+from maskattn_comfy.patch import PatchConflictError, apply_maskattn
+from maskattn_comfy.tiny_model import TINY_UNET_CONFIG, build_sdxl_model, fill_
+from maskattn_core import (GateFileError, GateSetError, MaskAttnConfig, OfficialCheckpointError, GateSet,
+                           load_gate_file, load_official_checkpoint, save_gate_file)
+from maskattn_core.layers import LayerKey
+from test_loader import loader, sample, tiny_gates
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_sdxl_model(seed=0)
+
+
+def other_family(config_class, **unet):
+    config = dict(TINY_UNET_CONFIG, **unet)
+    model_config = config_class(config)
+    model = model_config.get_model({}, device=torch.device("cpu"))
+    fill_(model.diffusion_model, 0)
+    return comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("config_class, unet, found", [
+    (comfy.supported_models.SD15, dict(context_dim=768, adm_in_channels=None, num_classes=None), "768"),
+    (comfy.supported_models.SDXLRefiner, dict(context_dim=1280, adm_in_channels=2560), "1280"),
+])
+def test_wrong_model_family_says_what_it_found_and_that_sdxl_is_needed(tiny, config_class, unet, found):
+    model = other_family(config_class, **unet)
+    with pytest.raises(ModelFamilyError) as error:
+        apply_maskattn(model, tiny_gates(tiny))
+    assert found in str(error.value) and "SDXL" in str(error.value)
+
+
+def test_a_model_without_unet_cross_attention_is_refused():
+    with pytest.raises(ModelFamilyError, match="no UNet cross-attention blocks"):
+        require_sdxl(torch.nn.Linear(2, 2))
+
+
+def test_missing_gate_file(pack, gate_folder, tiny):
+    with pytest.raises(FileNotFoundError, match="'nothing.safetensors' was not found"):
+        loader(pack, tiny, "nothing.safetensors")
+
+
+def test_truncated_safetensors(pack, gate_folder, tiny):
+    path = save_gate_file(tiny_gates(tiny), gate_folder / "cut.safetensors")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(GateFileError, match="truncated or corrupt"):
+        loader(pack, tiny, "cut.safetensors")
+
+
+def test_a_safetensors_file_that_is_not_gates(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"lora_unet_down.weight": torch.zeros(2)}, str(tmp_path / "lora.safetensors"))
+    with pytest.raises(GateFileError, match="not a MaskAttn gate file"):
+        load_gate_file(tmp_path / "lora.safetensors")
+
+
+class Hostile:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['MASKATTN_PWNED']}",))
+
+
+def test_hostile_pickle_is_refused_and_nothing_in_it_runs(pack, gate_folder, tiny, tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("MASKATTN_PWNED", str(marker))
+    with open(gate_folder / "gate_evil.pt", "wb") as handle:
+        pickle.dump({"format": "maskattn-sdxl-gates-v1", "payload": Hostile()}, handle)
+    with pytest.raises(OfficialCheckpointError, match="needs code to unpickle"):
+        loader(pack, tiny, "gate_evil.pt")
+    assert not marker.exists()
+
+
+def test_corrupt_official_checkpoint(tmp_path):
+    (tmp_path / "gate.pt").write_bytes(b"\x80\x04not really a checkpoint")
+    with pytest.raises(OfficialCheckpointError, match="gate.pt"):
+        load_official_checkpoint(tmp_path / "gate.pt")
+
+
+def test_gates_for_layers_the_model_lacks(tiny):
+    full_sdxl = {LayerKey("input", 7, t): 128 for t in range(10)}
+    gates = GateSet.create(MaskAttnConfig(gate_hidden_dim=8), full_sdxl)
+    with pytest.raises(GateSetError, match="input.7.2: not in the model"):
+        apply_maskattn(tiny, gates)
+
+
+def test_gates_of_the_wrong_width(tiny):
+    gates = GateSet.create(MaskAttnConfig(gate_hidden_dim=8), {LayerKey("input", 7, 0): 1280})
+    with pytest.raises(GateSetError, match="model has 128 channels, gate expects 1280"):
+        apply_maskattn(tiny, gates)
+
+
+@pytest.mark.parametrize("key", [("input", 7, 0), ("input", 7)])
+def test_an_existing_attn2_replace_on_a_gated_key_is_a_conflict(tiny, key):
+    other = tiny.clone()
+    other.set_model_attn2_replace(lambda q, k, v, extra_options: v, *key)
+    with pytest.raises(PatchConflictError, match=r"input\.7\.0"):
+        apply_maskattn(other, tiny_gates(tiny))
+
+
+def test_a_later_node_overwriting_the_replace_is_warned_once_per_run(tiny, caplog):
+    import comfy.ldm.modules.attention as attention
+
+    patched = apply_maskattn(tiny, tiny_gates(tiny))
+    patched.set_model_attn2_replace(
+        lambda q, k, v, extra_options: attention.optimized_attention(q, k, v, extra_options["n_heads"]), "input", 7, 0)
+    with caplog.at_level(logging.WARNING, logger="MaskAttn"):
+        sample(patched, steps=2)
+        sample(patched, steps=2)
+    warnings = [r for r in caplog.records if "not applied" in r.getMessage()]
+    assert len(warnings) == 2 and "input.7.0" in warnings[0].getMessage()
+
+
+def test_a_second_loader_replaces_the_first(tiny):
+    first = apply_maskattn(tiny, tiny_gates(tiny, seed=1))
+    twice = apply_maskattn(first, tiny_gates(tiny, seed=2))
+    once = apply_maskattn(tiny, tiny_gates(tiny, seed=2))
+    assert len(twice.model_options["transformer_options"]["patches"]["attn2_patch"]) == 1
+    assert torch.equal(sample(twice, steps=2), sample(once, steps=2))
+
+
+def test_bad_options_name_the_value():
+    from maskattn_comfy.patch import PatchOptions
+
+    with pytest.raises(ValueError, match="strength must lie in"):
+        PatchOptions(strength=1.5)
+    with pytest.raises(ValueError, match="start_percent <= end_percent"):
+        PatchOptions(start_percent=0.8, end_percent=0.2)
+    with pytest.raises(ValueError, match="stage must be one of"):
+        MaskAttnConfig(stage="middle")
+
+
+def test_gate_file_round_trip_keeps_tensors_and_metadata(tiny, tmp_path):
+    gates = tiny_gates(tiny, stage="all", share_heads_by_stage=False)
+    gates.provenance = {"kind": "trained", "steps": 7, "base_model": "tiny", "base_model_hash": "abc"}
+    first = save_gate_file(gates, tmp_path / "a.safetensors")
+    second = save_gate_file(load_gate_file(first), tmp_path / "b.safetensors")
+    with safe_open(str(first), "pt") as a, safe_open(str(second), "pt") as b:
+        assert a.metadata() == b.metadata()
+        assert sorted(a.keys()) == sorted(b.keys())
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+    loaded = load_gate_file(second)
+    assert loaded.provenance["steps"] == 7 and loaded.layer_heads == gates.layer_heads
+    assert loaded.config == gates.config

@@ -1,0 +1,58 @@
+"""The pack in a real ComfyUI server, driven over HTTP as the frontend drives it."""
+
+import json
+import sys
+
+import pytest
+
+from conftest import COMFYUI, REPO
+from maskattn_comfy.model_check import require_sdxl
+from maskattn_comfy.tiny_model import build_sdxl_model
+from maskattn_core import GateSet, MaskAttnConfig, save_gate_file
+
+sys.path.insert(0, str(REPO / "scripts"))
+from demo import tiny_prompt  # noqa: E402
+from headless import TINY_NODES, ComfyServer, to_api_format  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfy-base")
+    srv = ComfyServer(COMFYUI, base, extra_nodes=[TINY_NODES])
+    gates = GateSet.create(MaskAttnConfig(gate_hidden_dim=16), require_sdxl(build_sdxl_model(seed=0)), seed=3)
+    save_gate_file(gates, base / "models" / "maskattn" / "maskattn_sdxl.safetensors")
+    with srv:
+        yield srv
+
+
+def test_object_info_lists_the_loader_with_its_inputs(server):
+    info = server.get("/object_info/MaskAttnLoader")["MaskAttnLoader"]
+    required = info["input"]["required"]
+    assert info["category"] == "MaskAttn"
+    assert list(required) == ["model", "gate_name", "strength", "start_percent", "end_percent"]
+    assert "maskattn_sdxl.safetensors" in required["gate_name"][1]["options"]
+    assert required["strength"][1]["default"] == 1.0 and required["strength"][1]["max"] == 1.0
+    assert all(spec[1].get("tooltip") for spec in required.values())
+
+
+def test_example_workflow_over_http_saves_an_image(server):
+    workflow = json.loads((REPO / "example_workflows" / "maskattn_sdxl.json").read_text())
+    api = tiny_prompt(to_api_format(workflow, server.get("/object_info")), size=64, steps=2)
+    assert any(n["class_type"] == "MaskAttnLoader" for n in api.values())
+    result = server.run(api, timeout=300)
+    status = result["status"]
+    assert status["status_str"] == "success", status
+    assert not [m for m in status.get("messages", []) if m[0] == "execution_error"]
+    images = [img for out in result["outputs"].values() for img in out.get("images", [])]
+    assert images and (server.output / images[0]["filename"]).stat().st_size > 0
+
+
+def test_an_error_in_the_loader_reaches_history_with_its_message(server):
+    workflow = json.loads((REPO / "example_workflows" / "maskattn_sdxl.json").read_text())
+    api = tiny_prompt(to_api_format(workflow, server.get("/object_info")), size=64, steps=1)
+    for node in api.values():
+        if node["class_type"] == "MaskAttnLoader":
+            node["inputs"]["start_percent"], node["inputs"]["end_percent"] = 0.9, 0.1
+    result = server.run(api, timeout=300)
+    errors = [m[1] for m in result["status"].get("messages", []) if m[0] == "execution_error"]
+    assert errors and "start_percent <= end_percent" in errors[0]["exception_message"]
