@@ -35,17 +35,16 @@ def fill_(module: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.M
 def build_sdxl_model(unet_config: dict | None = None, seed: int = 0, dtype: torch.dtype = torch.float32,
                      v_prediction: bool = False, state_dict: dict | None = None):
     """A comfy ModelPatcher around a real model_base.SDXL with the given UNet config."""
+    import comfy.model_base
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
     from comfy.model_base import ModelType
 
-    config = dict(unet_config or TINY_UNET_CONFIG)
-    model_config = comfy.supported_models.SDXL(config)
+    model_config = comfy.supported_models.SDXL(dict(unet_config or TINY_UNET_CONFIG))
     model_config.set_inference_dtype(dtype, None)
-    model = model_config.get_model({}, device=torch.device("cpu"))
-    if v_prediction:
-        model = type(model)(model_config, model_type=ModelType.V_PREDICTION, device=torch.device("cpu"))
+    model_type = ModelType.V_PREDICTION if v_prediction else ModelType.EPS
+    model = comfy.model_base.SDXL(model_config, model_type=model_type, device=torch.device("cpu"))
     if state_dict is None:
         fill_(model.diffusion_model, seed)
     else:

@@ -210,3 +210,14 @@ def test_sampling_inside_inference_mode_as_the_server_runs_it(tiny):
     expected = sample(apply_maskattn(tiny, gates))
     with torch.inference_mode():
         assert torch.equal(sample(apply_maskattn(tiny, gates)), expected)
+
+
+def test_v_prediction_sdxl_is_patched_like_the_base():
+    model = build_sdxl_model(seed=0, v_prediction=True)
+    import comfy.model_sampling
+
+    assert isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.V_PREDICTION)
+    gates = tiny_gates(model)
+    patched, plain = sample(apply_maskattn(model, gates), steps=2), sample(model, steps=2)
+    assert torch.isfinite(patched).all() and not torch.equal(patched, plain)
+    assert torch.equal(sample(apply_maskattn(model, tiny_gates(model, bias=50.0)), steps=2), plain)
