@@ -25,12 +25,9 @@ def hard_gate(probabilities: Tensor, threshold: float = 0.5) -> Tensor:
     uniform attention rather than "attend to nothing".
     """
     hard = (probabilities > threshold).to(probabilities.dtype)
-    empty = hard.amax(dim=-1, keepdim=True) == 0
-    if bool(empty.any()):
-        fallback = torch.zeros_like(hard).scatter_(-1, probabilities.argmax(dim=-1, keepdim=True), 1.0)
-        hard = torch.where(empty, fallback, hard)
-    return hard
-
+    # Branch-free (no host sync on a GPU): rows with an open token keep theirs, empty rows take the argmax.
+    top = torch.zeros_like(hard).scatter_(-1, probabilities.argmax(dim=-1, keepdim=True), 1.0)
+    return torch.where(hard.amax(dim=-1, keepdim=True) == 0, top, hard)
 
 def straight_through(hard: Tensor, probabilities: Tensor) -> Tensor:
     """Forward: the hard gate; backward: d/dprobabilities (straight-through estimator)."""
