@@ -1,5 +1,6 @@
 """The nodes this pack adds to ComfyUI; each module only declares nodes."""
 
 from .loader import MaskAttnLoader
+from .visualize import MaskAttnVisualize
 
-NODES = [MaskAttnLoader]
+NODES = [MaskAttnLoader, MaskAttnVisualize]

@@ -1,0 +1,197 @@
+"""Visualize Mask: maps at the latent's real shape, token labels as the tokenizer splits them, seeds."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from maskattn_comfy.model_check import require_sdxl
+from maskattn_comfy.patch import apply_maskattn
+from maskattn_comfy.tiny_model import build_sdxl_clip, build_sdxl_model
+from maskattn_comfy.render import ColourScale, render_grid
+from maskattn_comfy.tokens import TokenLabel, token_labels
+from maskattn_comfy.visualize import VisualizeOptions, record_maps, visualize_mask
+from maskattn_core import GateHead, GateSet, MaskAttnConfig, layer_name
+
+LATENT_H, LATENT_W = 10, 24  # 80x192 pixels; the UNet's levels are 10x24, 5x12 and 3x6 (10/4 rounds up)
+TOP_COLOUR, BOTTOM_COLOUR = (253, 231, 37), (68, 1, 84)  # the sequential colour map's ends
+
+
+class LeftHalfGate(GateHead):
+    """A gate whose open set is constructed: `token` may only reach the left half of the latent."""
+
+    def __init__(self, feature_dim: int, token: int):
+        super().__init__(feature_dim)
+        self.token = token
+
+    def logits(self, x, context, token_features=None):
+        locations = x.shape[1]
+        level = next(l for l in range(4) if math.ceil(LATENT_H / 2 ** l) * math.ceil(LATENT_W / 2 ** l) == locations)
+        h, w = math.ceil(LATENT_H / 2 ** level), math.ceil(LATENT_W / 2 ** level)
+        centre = (torch.arange(w) + 0.5) * 2 ** level  # each column's centre in latent pixels
+        left = (centre < LATENT_W / 2).float().repeat(h)  # row-major, as the transformer flattens
+        logits = torch.full((x.shape[0], locations, context.shape[1]), 8.0)
+        logits[:, :, self.token] = 16.0 * left - 8.0
+        return logits
+
+
+@pytest.fixture(scope="module")
+def unet(pack):
+    return build_sdxl_model()
+
+
+@pytest.fixture(scope="module")
+def clip(pack):
+    return build_sdxl_clip()
+
+
+@pytest.fixture(autouse=True)
+def temp_folder(tmp_path):
+    """The preview image goes to ComfyUI's temp folder; keep it out of the checkout."""
+    import folder_paths
+
+    saved = folder_paths.get_temp_directory()
+    folder_paths.set_temp_directory(str(tmp_path))
+    yield
+    folder_paths.set_temp_directory(saved)
+
+
+def left_half_model(unet, token: int):
+    channels = require_sdxl(unet)
+    layers = GateSet.create(MaskAttnConfig(stage="all", share_heads_by_stage=False), channels).layers
+    heads = {layer_name(key).replace(".", "_"): LeftHalfGate(channels[key], token) for key in layers}
+    gates = GateSet(MaskAttnConfig(stage="all"), heads, {layer_name(key): layer_name(key).replace(".", "_") for key in layers})
+    return apply_maskattn(unet, gates)
+
+
+def run_node(pack, model, clip, text, latent=None, **inputs):
+    values = dict(seed=0, noise_levels=2, start_percent=0.2, end_percent=0.8, map="gate probability",
+                  grouping="all", words="", batch_index=0, show_special_tokens=False)
+    values.update(inputs)
+    latent = latent or {"samples": torch.zeros(1, 4, LATENT_H, LATENT_W)}
+    return pack["MaskAttnVisualize"].execute(model, clip, text, latent, **values)
+
+
+def test_a_token_gated_to_the_left_half_maps_open_left_and_closed_right_at_the_latents_aspect(unet, clip):
+    text = "a photo of a cat"
+    cat = next(label.position for label in token_labels(clip, clip.tokenize(text)) if label.text == "cat")
+    result = visualize_mask(left_half_model(unet, cat), clip, text, {"samples": torch.zeros(1, 4, LATENT_H, LATENT_W)},
+                            VisualizeOptions(noise_levels=1, grouping="all", words="cat"))
+
+    assert result.mask.shape == (1, LATENT_H * 8, LATENT_W * 8)
+    assert result.mask[:, :, :80].min() > 0.99 and result.mask[:, :, 112:].max() < 0.01
+    left, top, right, bottom = result.boxes[("all layers", cat)]
+    assert (right - left) / (bottom - top) == pytest.approx(LATENT_W / LATENT_H, abs=0.03)
+    cell = (result.image[0, top:bottom, left:right] * 255).round()
+    quarter = (right - left) // 4
+    assert (cell[:, :quarter] - torch.tensor(TOP_COLOUR)).abs().max() <= 2
+    assert (cell[:, -quarter:] - torch.tensor(BOTTOM_COLOUR)).abs().max() <= 2
+    photo = next(label.position for label in result.columns if label.text == "photo")
+    left, top, right, bottom = result.boxes[("all layers", photo)]
+    assert ((result.image[0, top:bottom, left:right] * 255).round() - torch.tensor(TOP_COLOUR)).abs().max() <= 2
+
+
+def test_each_layer_map_has_its_levels_real_sides(pack, unet, clip):
+    text = "a photo of a cat"
+    cat = next(label.position for label in token_labels(clip, clip.tokenize(text)) if label.text == "cat")
+    positive = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+    recorder = record_maps(left_half_model(unet, cat), positive, {"samples": torch.zeros(1, 4, LATENT_H, LATENT_W)},
+                           VisualizeOptions(noise_levels=1, map="attention_masked"))
+    maps = recorder.maps()
+    sides = {key: tuple(m["attention_masked"].shape[-2:]) for key, m in maps.items()}
+    assert set(sides.values()) == {(5, 12), (3, 6)}
+    assert all(side == ((5, 12) if key[1] in (4, 5) and key[0] == "input" or key[0] == "output" and key[1] >= 3
+                        else (3, 6)) for key, side in sides.items())
+    for m in maps.values():  # attention is a distribution over tokens; the gate leaves "cat" nothing on the right
+        assert m["attention_masked"].sum(0) == pytest.approx(torch.ones(m["attention_masked"].shape[-2:]), abs=1e-4)
+        right = m["attention_masked"][cat, :, -1]
+        assert right.max() < 1e-3
+
+
+def test_labels_follow_the_tokenizers_split_with_weights(clip):
+    text = "a (red:1.2) cat, (blue sky:0.8) photography of MaskAttnology"
+    tokens = clip.tokenize(text)
+    labels = token_labels(clip, tokens)
+    visible = [label for label in labels if not label.special]
+
+    assert [label.label for label in visible] == ["a", "(red:1.2)", "cat", ",", "(blue:0.8)", "(sky:0.8)",
+                                                  "photography", "of", "mask", "att", "nology"]
+    assert {label.word for label in visible[-3:]} == {"maskattnology"}
+    chunk = tokens["g"][0]
+    assert [(chunk[label.position][0], chunk[label.position][1]) for label in visible] == \
+        [pair for pair in chunk[1:12]]  # the columns are the tokenizer's own positions
+    assert [label.text for label in labels if label.special][:3] == ["<start>", "<end>", "<pad>"]
+
+
+def test_a_prompt_longer_than_77_tokens_labels_every_chunk(pack, unet, clip):
+    text = " ".join(["cat"] * 80) + " dog"
+    tokens = clip.tokenize(text)
+    labels = token_labels(clip, tokens)
+    context = clip.encode_from_tokens_scheduled(tokens)[0][0]
+
+    assert len(labels) == context.shape[1] == 154  # one label per context column
+    visible = [label for label in labels if not label.special]
+    assert len(visible) == 81 and visible[-1].label == "dog"
+    assert [label.position for label in labels if label.text == "<start>"] == [0, 77]
+
+    gates = GateSet.create(MaskAttnConfig(), require_sdxl(unet), seed=0)
+    image, mask = run_node(pack, apply_maskattn(unet, gates), clip, text, noise_levels=1, words="dog",
+                           latent={"samples": torch.zeros(1, 4, 8, 8)}).args
+    assert image.shape[2] > 81 * 128 and mask.shape == (1, 64, 64)
+
+
+def test_the_same_seed_gives_the_same_bytes_and_another_seed_other_ones(pack, unet, clip, monkeypatch):
+    import comfy.utils
+
+    progress = []
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, node_id=None: progress.append((value, total)))
+    model = apply_maskattn(unet, GateSet.create(MaskAttnConfig(), require_sdxl(unet), seed=0))
+    text = "a photo of a cat"
+    first = run_node(pack, model, clip, text, seed=1)
+    assert progress == [(1, 2), (2, 2)], "the progress bar advances once per noise level"
+    again = run_node(pack, model, clip, text, seed=1)
+    other = run_node(pack, model, clip, text, seed=2)
+
+    assert first.args[0].numpy().tobytes() == again.args[0].numpy().tobytes()
+    assert first.args[1].numpy().tobytes() == again.args[1].numpy().tobytes()
+    assert first.args[0].shape == other.args[0].shape  # the title and labels do not depend on the seed ...
+    assert first.args[0].numpy().tobytes() != other.args[0].numpy().tobytes()  # ... the maps do
+    assert first.ui.as_dict()["images"], "the grid is returned for the UI preview"
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(model="plain"), "no MaskAttn gates"),
+    (dict(text="   "), "prompt is empty"),
+    (dict(words="cat, horse"), "'horse' is not in the prompt"),
+    (dict(batch_index=2), "holds 2 image(s), so batch_index must be 0 to 1"),
+])
+def test_bad_inputs_are_named(pack, unet, clip, change, message):
+    model = unet if change.pop("model", None) else apply_maskattn(unet, GateSet.create(MaskAttnConfig(), require_sdxl(unet)))
+    text = change.pop("text", "a photo of a cat")
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        run_node(pack, model, clip, text, latent={"samples": torch.zeros(2, 4, 8, 8)}, **change)
+
+
+def test_an_image_input_shows_under_the_map():
+    columns = [TokenLabel(1, "cat", 1.0, "cat", False)]
+    rows = [("all layers", torch.ones(2, 4, 6))]  # gate probability 1 everywhere: the top colour
+    red = torch.zeros(32, 48, 3)
+    red[..., 0] = 1.0
+    plain, boxes = render_grid(rows, columns, ColourScale(0.0, 1.0, False), "t")
+    over, _ = render_grid(rows, columns, ColourScale(0.0, 1.0, False), "t", image=red)
+    left, top, right, bottom = boxes[("all layers", 1)]
+    expected = torch.tensor(TOP_COLOUR) * 0.6 + torch.tensor((255, 0, 0)) * 0.4
+    assert torch.tensor(plain.getpixel((left + 5, top + 5))).tolist() == list(TOP_COLOUR)
+    assert (torch.tensor(over.getpixel((left + 5, top + 5))) - expected).abs().max() <= 1
+
+
+def test_layer_grids_follow_the_unets_rounding_without_activations_shape():
+    from maskattn_comfy.recording import layer_grid
+
+    assert layer_grid({"original_shape": [1, 4, 104, 152]}, 52 * 76) == (52, 76)  # 832x1216 pixels
+    assert layer_grid({"original_shape": [1, 4, 104, 152]}, 26 * 38) == (26, 38)
+    assert layer_grid({"original_shape": [1, 4, 13, 19]}, 4 * 5) == (4, 5)  # 13 -> 7 -> 4, 19 -> 10 -> 5
+    with pytest.raises(ValueError, match="match no UNet level of a 13x19 latent"):
+        layer_grid({"original_shape": [1, 4, 13, 19]}, 3 * 5)
