@@ -79,18 +79,6 @@ def build_tiny_vae(seed: int = 0):
     return comfy.sd.VAE(sd=module.state_dict(), config={"params": TINY_VAE_CONFIG})
 
 
-def text_conditioning(text: str, tokens: int = 77, width: int = 1024, height: int = 1024):
-    """A stand-in text encoder for the tiny model: seeded 2048-wide tokens from the text's hash.
-
-    It has CLIP's shapes, not its meaning; prompts longer than 75 words get 154, 231, ... tokens.
-    """
-    import hashlib
-
-    words = len(text.split())
-    tokens = max(tokens, 77 * ((words + 74) // 75))
-    seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
-    return tiny_conditioning(1, tokens=tokens, seed=seed % (2 ** 63), width=width, height=height)
-
 
 TINY_CLIP_CONFIG = {"num_hidden_layers": 3, "intermediate_size": 64, "num_attention_heads": 2}
 

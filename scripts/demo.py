@@ -4,7 +4,7 @@
 
 It trains demo gates on the tiny built-in SDXL-topology model (trainer/train.py --demo),
 starts ComfyUI on 127.0.0.1 with this pack installed, queues example_workflows/maskattn_sdxl.json
-over HTTP with the tiny model in place of the SDXL checkpoint and its text encoder, and
+over HTTP with the tiny model in place of the SDXL checkpoint, and
 writes the images (with gates and, for comparison, at strength 0) to --out.
 The tiny model has random weights: the images show the pipeline runs, not what SDXL draws.
 """
@@ -30,22 +30,17 @@ GATES = "maskattn_sdxl.safetensors"
 
 
 def tiny_prompt(api: dict, size: int, steps: int) -> dict:
-    """Swap the SDXL checkpoint and CLIP text encoders for the tiny test nodes; shrink size and steps."""
-    for node_id, node in api.items():
+    """Swap the SDXL checkpoint for the tiny test node (same MODEL, CLIP, VAE outputs); shrink size and steps."""
+    for node in api.values():
         kind, inputs = node["class_type"], node["inputs"]
         if kind == "CheckpointLoaderSimple":
             node.update(class_type="MaskAttnTinySDXL", inputs={"seed": 0})
-        elif kind == "CLIPTextEncode":
-            node.update(class_type="MaskAttnTinyTextEncode", inputs={"text": inputs["text"]})
         elif kind == "EmptyLatentImage":
             inputs.update(width=size, height=size)
         elif kind == "KSampler":
             inputs.update(steps=steps)
-    loaders = {i for i, n in api.items() if n["class_type"] == "MaskAttnTinySDXL"}
-    for node in api.values():  # CheckpointLoaderSimple's VAE was output 2; the tiny node's is output 1
-        for name, value in node["inputs"].items():
-            if isinstance(value, list) and value[0] in loaders and value[1] == 2:
-                node["inputs"][name] = [value[0], 1]
+        elif kind == "MaskAttnVisualize":
+            inputs.update(noise_levels=min(inputs["noise_levels"], 2))
     return api
 
 

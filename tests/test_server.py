@@ -43,8 +43,19 @@ def test_example_workflow_over_http_saves_an_image(server):
     status = result["status"]
     assert status["status_str"] == "success", status
     assert not [m for m in status.get("messages", []) if m[0] == "execution_error"]
-    images = [img for out in result["outputs"].values() for img in out.get("images", [])]
-    assert images and (server.output / images[0]["filename"]).stat().st_size > 0
+    saved = {node_id: out.get("images", []) for node_id, out in result["outputs"].items()}
+    save_nodes = [i for i, n in api.items() if n["class_type"] == "SaveImage"]
+    assert len(save_nodes) == 2  # the sample and the Visualize Mask grid
+    for node_id in save_nodes:
+        assert saved[node_id] and (server.output / saved[node_id][0]["filename"]).stat().st_size > 0
+
+
+def test_object_info_lists_visualize_mask_with_its_inputs(server):
+    info = server.get("/object_info/MaskAttnVisualize")["MaskAttnVisualize"]
+    assert info["category"] == "MaskAttn" and info["output_node"]
+    assert list(info["input"]["required"])[:4] == ["model", "clip", "text", "latent"]
+    assert "image" in info["input"]["optional"]
+    assert info["output"] == ["IMAGE", "MASK"]
 
 
 def test_an_error_in_the_loader_reaches_history_with_its_message(server):

@@ -13,36 +13,26 @@ _pack_root = str(Path(__file__).resolve().parents[2])  # custom_nodes may load t
 if _pack_root not in sys.path:
     sys.path.append(_pack_root)
 
-from maskattn_comfy.tiny_model import build_sdxl_model, build_tiny_vae, text_conditioning
+from maskattn_comfy.tiny_model import build_sdxl_clip, build_sdxl_model, build_tiny_vae
 
 
 class MaskAttnTinySDXL(io.ComfyNode):
+    """Stands in for CheckpointLoaderSimple: MODEL, CLIP (SDXL's real tokenizers), VAE, all tiny and seeded."""
+
     @classmethod
     def define_schema(cls):
         return io.Schema(node_id="MaskAttnTinySDXL", category="MaskAttn/testing",
                          inputs=[io.Int.Input("seed", default=0, min=0, max=2 ** 31)],
-                         outputs=[io.Model.Output(), io.Vae.Output()])
+                         outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()])
 
     @classmethod
     def execute(cls, seed) -> io.NodeOutput:
-        return io.NodeOutput(build_sdxl_model(seed=seed), build_tiny_vae(seed))
-
-
-class MaskAttnTinyTextEncode(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(node_id="MaskAttnTinyTextEncode", category="MaskAttn/testing",
-                         inputs=[io.String.Input("text", multiline=True)],
-                         outputs=[io.Conditioning.Output()])
-
-    @classmethod
-    def execute(cls, text) -> io.NodeOutput:
-        return io.NodeOutput(text_conditioning(text))
+        return io.NodeOutput(build_sdxl_model(seed=seed), build_sdxl_clip(seed), build_tiny_vae(seed))
 
 
 class TinyNodes(ComfyExtension):
     async def get_node_list(self):
-        return [MaskAttnTinySDXL, MaskAttnTinyTextEncode]
+        return [MaskAttnTinySDXL]
 
 
 async def comfy_entrypoint():
