@@ -43,8 +43,11 @@ def boot(comfyui: str | os.PathLike | None = None, cpu: bool | None = None, **cl
     if "comfy.model_management" in sys.modules:
         return Path(sys.modules["comfy.model_management"].__file__).resolve().parent.parent
     path = find_comfyui(comfyui)
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
+    # ComfyUI's top-level modules (nodes, server, execution) must win over same-named folders,
+    # this pack's own nodes/ package included.
+    if str(path) in sys.path:
+        sys.path.remove(str(path))
+    sys.path.insert(0, str(path))
     if str(PACK_ROOT) not in sys.path:
         sys.path.append(str(PACK_ROOT))
     import comfy.options  # noqa: F401  (importing it first keeps comfy.cli_args from parsing our sys.argv)
@@ -56,4 +59,9 @@ def boot(comfyui: str | os.PathLike | None = None, cpu: bool | None = None, **cl
     for name, value in cli_args.items():  # e.g. use_pytorch_cross_attention=True
         setattr(comfy.cli_args.args, name, value)
     import comfy.model_management  # noqa: F401
+    import nodes  # binds the name to ComfyUI's nodes.py before anything can shadow it
+
+    if Path(nodes.__file__).resolve().parent != path:
+        raise ComfyUINotFound(f"`import nodes` found {nodes.__file__}, not ComfyUI's nodes.py in {path}: "
+                              "something earlier on sys.path shadows ComfyUI")
     return path

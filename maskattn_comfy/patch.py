@@ -131,15 +131,17 @@ class MaskAttnPatch:
 
     def _token_features(self, head_name, head, context, extra_options):
         # Every gated layer of one model call sees the same context tensor: compute g(e) once per head.
+        # Only without autograd: a cached graph could outlive the backward pass that frees it.
+        if torch.is_grad_enabled():
+            return head.token_features(context)
         sigmas = extra_options.get("sigmas")
         cached = self._token_cache.get(head_name)
-        grad = torch.is_grad_enabled()
         version = None if context.is_inference() else context._version  # inference tensors have no counter
         if (cached is not None and cached[0] is context and cached[1] == version
-                and cached[2] is sigmas and cached[3] == grad and cached[4] is head):
-            return cached[5]
+                and cached[2] is sigmas and cached[3] is head):
+            return cached[4]
         tokens = head.token_features(context)
-        self._token_cache[head_name] = (context, version, sigmas, grad, head, tokens)
+        self._token_cache[head_name] = (context, version, sigmas, head, tokens)
         return tokens
 
     def _check_pending(self, extra_options):
@@ -155,10 +157,6 @@ class MaskAttnPatch:
             log.warning("MaskAttn: the gate mask for %s was computed but not applied: a node after MaskAttn "
                         "Loader replaced its cross-attention. Put MaskAttn Loader last in the MODEL chain, "
                         "or remove the other attention patch.", where)
-
-    def release_caches(self):
-        self._token_cache.clear()
-        self._pending = None
 
 
 def _copy_to(head, device):

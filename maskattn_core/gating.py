@@ -24,10 +24,12 @@ def hard_gate(probabilities: Tensor, threshold: float = 0.5) -> Tensor:
     Without the fallback a fully closed row would softmax over -10000 everywhere, which is
     uniform attention rather than "attend to nothing".
     """
-    hard = (probabilities > threshold).to(probabilities.dtype)
-    # Branch-free (no host sync on a GPU): rows with an open token keep theirs, empty rows take the argmax.
-    top = torch.zeros_like(hard).scatter_(-1, probabilities.argmax(dim=-1, keepdim=True), 1.0)
-    return torch.where(hard.amax(dim=-1, keepdim=True) == 0, top, hard)
+    opened = probabilities > threshold
+    # Branch-free (no host sync on a GPU): opening every row's argmax is the empty-row fallback,
+    # and changes nothing in a row with an open token, whose argmax is open already.
+    opened.scatter_(-1, probabilities.argmax(dim=-1, keepdim=True), True)
+    return opened.to(probabilities.dtype)
+
 
 def straight_through(hard: Tensor, probabilities: Tensor) -> Tensor:
     """Forward: the hard gate; backward: d/dprobabilities (straight-through estimator)."""

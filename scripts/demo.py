@@ -12,6 +12,7 @@ The tiny model has random weights: the images show the pipeline runs, not what S
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -19,8 +20,8 @@ import tempfile
 from pathlib import Path
 
 PACK_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PACK_ROOT))
-sys.path.insert(0, str(PACK_ROOT / "scripts"))
+sys.path.append(str(PACK_ROOT))  # appended: the pack's nodes/ must not shadow ComfyUI's nodes.py
+sys.path.append(str(PACK_ROOT / "scripts"))
 
 from headless import TINY_NODES, ComfyServer, to_api_format  # noqa: E402
 from maskattn_comfy.host import find_comfyui  # noqa: E402
@@ -44,11 +45,28 @@ def tiny_prompt(api: dict, size: int, steps: int) -> dict:
     return api
 
 
-def train_demo_gates(target: Path, comfyui: Path) -> None:
+def gated(api: dict, strength: float, prefix: str) -> dict:
+    """The workflow at one Loader strength; at 0 there are no gates to visualize, so that branch is dropped."""
+    run = json.loads(json.dumps(api))
+    if strength == 0.0:
+        dropped = {i for i, n in run.items() if n["class_type"] == "MaskAttnVisualize"}
+        dropped |= {i for i, n in run.items()
+                    if any(isinstance(v, list) and v[0] in dropped for v in n["inputs"].values())}
+        run = {i: n for i, n in run.items() if i not in dropped}
+    for node in run.values():
+        if node["class_type"] == "MaskAttnLoader":
+            node["inputs"].update(gate_name=GATES, strength=strength)
+        if node["class_type"] == "SaveImage" and node["inputs"]["filename_prefix"] == "MaskAttn":
+            node["inputs"]["filename_prefix"] = prefix
+    return run
+
+
+def train_demo_gates(target: Path, run: Path, comfyui: Path) -> None:
     command = [sys.executable, str(PACK_ROOT / "trainer" / "train.py"), "--demo", "--comfyui", str(comfyui),
-               "--output", str(target)]
+               "--output", str(run), "--name", target.stem]
     print("[demo] training demo gates:", " ".join(command), flush=True)
     subprocess.run(command, check=True)
+    shutil.copy(run / f"{target.stem}.safetensors", target)
 
 
 def main(argv=None) -> int:
@@ -63,18 +81,14 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="maskattn-demo-") as base:
         base = Path(base)
         server = ComfyServer(comfyui, base, extra_nodes=[TINY_NODES])
-        train_demo_gates(base / "models" / "maskattn" / GATES, comfyui)
+        train_demo_gates(base / "models" / "maskattn" / GATES, base / "training", comfyui)
         print(f"[demo] starting ComfyUI at {server.url}", flush=True)
         with server:
-            api = to_api_format(__import__("json").loads(WORKFLOW.read_text()), server.get("/object_info"))
+            api = to_api_format(json.loads(WORKFLOW.read_text()), server.get("/object_info"))
             api = tiny_prompt(api, args.size, args.steps)
             for prefix, strength in (("MaskAttn", 1.0), ("Plain", 0.0)):
-                for node in api.values():
-                    if node["class_type"] == "MaskAttnLoader":
-                        node["inputs"].update(gate_name=GATES, strength=strength)
-                    if node["class_type"] == "SaveImage":
-                        node["inputs"]["filename_prefix"] = prefix
-                result = server.run(api)
+                run = gated(api, strength, prefix)
+                result = server.run(run)
                 status = result.get("status", {})
                 if status.get("status_str") != "success":
                     print(f"[demo] the workflow failed: {status}", file=sys.stderr)

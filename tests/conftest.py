@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
+# Appended: the pack's folders (nodes/ above all) must never shadow ComfyUI's modules of the same name.
+sys.path.append(str(REPO))
+sys.path.append(str(REPO / "tests"))
 
 from maskattn_comfy import host  # noqa: E402
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import comfy.sample
-from comfy_kit import fixture_inputs, fixture_unet, read_fixture, run_unet
-from maskattn_comfy.patch import MASK_KEY, MaskAttnPatch, PatchOptions, apply_maskattn, find_maskattn_patch
+from comfy_kit import fixture_inputs, fixture_unet, run_unet
+from maskattn_comfy.patch import MaskAttnPatch, PatchOptions, apply_maskattn, find_maskattn_patch
 from maskattn_comfy.model_check import require_sdxl
 from maskattn_comfy.tiny_model import build_sdxl_model, tiny_conditioning
-from maskattn_core import GateHead, GateSet, MaskAttnConfig, save_gate_file
+from maskattn_core import GateSet, MaskAttnConfig
 from test_core_parity import CASES, load_case
 
 BACKENDS = ["pytorch", "split", "sub_quad", "basic"]

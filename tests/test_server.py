@@ -10,7 +10,7 @@ from maskattn_comfy.model_check import require_sdxl
 from maskattn_comfy.tiny_model import build_sdxl_model
 from maskattn_core import GateSet, MaskAttnConfig, save_gate_file
 
-sys.path.insert(0, str(REPO / "scripts"))
+sys.path.append(str(REPO / "scripts"))
 from demo import tiny_prompt  # noqa: E402
 from headless import TINY_NODES, ComfyServer, to_api_format  # noqa: E402
 

@@ -1,0 +1,298 @@
+"""MaskAttn's sampling overhead against plain ComfyUI: same model, seed and prompt, one process.
+
+    .venv/bin/python benchmarks/sampling.py --config tiny
+    .venv/bin/python benchmarks/sampling.py --config sdxl-512 --checkpoint sdxl_random.safetensors --threads 1
+    .venv/bin/python benchmarks/sampling.py --checkpoint CKPT   # every configuration this machine can run
+
+Each configuration runs in a fresh worker process (so one model's memory never colours
+another's). The worker loads the model once, runs each variant once for one step (warm-up),
+then repeats rounds of [unpatched, the variants...] through `comfy.sample.sample` (euler,
+normal schedule, cfg 5, seed 0, the same random prompt) and ends with one more unpatched run.
+Each patched run's time is divided by the mean of the two unpatched runs that bracket its
+round; the table gives the median of those ratios with their min-max spread, for wall time and
+for the process's CPU time (user + system, all threads), and the ratio of the fastest runs.
+On a shared machine CPU time with --threads 1 is the steadier figure: it does not count time
+spent waiting for a core, and one thread has no spinning OpenMP workers to inflate it.
+
+Memory. CUDA: `torch.cuda.max_memory_allocated` over each run. CPU: torch has no allocator
+statistics, so the worker reads the process's resident high-water mark (VmHWM, reset before
+each run through /proc/self/clear_refs) with glibc told to serve every allocation of 256 KiB
+or more by mmap (MALLOC_MMAP_THRESHOLD_), so that freed tensors leave the resident set and
+the high-water mark follows live tensors, not the allocator's free lists. The table gives the
+patched run's peak minus the bracketing unpatched peaks, in MiB and as a share of the
+unpatched peak (whole process, weights included) and of the unpatched run's working memory
+(peak minus the resident size before the run).
+
+Not part of the test suite; numbers and conditions go in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# variant: PatchOptions keywords, or None for plain ComfyUI
+VARIANTS = {
+    "unpatched": None,
+    "default gates": {},
+    "strength 0": {"strength": 0.0},
+    "outside step range": {"start_percent": 1.0, "end_percent": 1.0},  # sigma range [0, 0]: no step falls in it
+}
+# name: model ("tiny" or "checkpoint"), image side in pixels, steps, rounds, device, variants measured
+# (strength 0 and the empty step range cost the same Python on any model: the tiny one, where that
+# Python weighs most, measures them; --variants adds them to the slow configurations).
+CONFIGS = {
+    "tiny": dict(model="tiny", size=512, steps=4, rounds=9, device="cpu", variants=list(VARIANTS)),
+    "sdxl-512": dict(model="checkpoint", size=512, steps=2, rounds=3, device="cpu",
+                     variants=["unpatched", "default gates"]),
+    "sdxl-1024-cuda": dict(model="checkpoint", size=1024, steps=20, rounds=5, device="cuda", variants=list(VARIANTS)),
+}
+CFG = 5.0  # > 1, so each model call carries both conds, as in ordinary use
+MMAP_THRESHOLD = 256 * 1024
+
+
+# -- memory probes ---------------------------------------------------------------------------
+class ResidentPeak:
+    """Peak resident memory of this process during a run (Linux)."""
+
+    def start(self):
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")  # resets VmHWM to the current VmRSS
+        self.before = self._field("VmRSS")
+
+    def stop(self) -> tuple[int, int]:
+        """(peak bytes, peak bytes above the size at start)."""
+        peak = self._field("VmHWM")
+        return peak, peak - self.before
+
+    @staticmethod
+    def _field(name: str) -> int:
+        with open("/proc/self/status") as handle:
+            return int(re.search(rf"^{name}:\s+(\d+) kB", handle.read(), re.M).group(1)) * 1024
+
+
+class CudaPeak:
+    def __init__(self, torch, device):
+        self.torch, self.device = torch, device
+
+    def start(self):
+        self.torch.cuda.synchronize(self.device)
+        self.torch.cuda.reset_peak_memory_stats(self.device)
+        self.before = self.torch.cuda.memory_allocated(self.device)
+
+    def stop(self) -> tuple[int, int]:
+        self.torch.cuda.synchronize(self.device)
+        peak = self.torch.cuda.max_memory_allocated(self.device)
+        return peak, peak - self.before
+
+
+# -- the worker: one configuration in this process -------------------------------------------
+def run_worker(name: str, config: dict, checkpoint: str | None, steps: int, rounds: int, variants: list[str],
+               threads: int | None) -> dict:
+    sys.path.insert(0, str(REPO))
+    from maskattn_comfy import host
+
+    host.boot(cpu=config["device"] == "cpu")
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+    import comfy.model_management as mm
+    import comfy.sample
+    import comfy.sd
+    from maskattn_comfy.model_check import require_sdxl
+    from maskattn_comfy.patch import PatchOptions, apply_maskattn
+    from maskattn_comfy.tiny_model import build_sdxl_model, tiny_conditioning
+    from maskattn_core import GateSet, MaskAttnConfig
+
+    started = time.perf_counter()
+    if config["model"] == "tiny":
+        model = build_sdxl_model()
+    else:
+        model = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=False, output_clip=False,
+                                                      output_clipvision=False)[0]
+    load_s = time.perf_counter() - started
+    gate_set = GateSet.create(MaskAttnConfig(), require_sdxl(model), seed=0)  # the authors' defaults
+    models = {variant: model if VARIANTS[variant] is None
+              else apply_maskattn(model, gate_set, PatchOptions(**VARIANTS[variant]))
+              for variant in variants}
+
+    size = config["size"]
+    positive = tiny_conditioning(seed=1, width=size, height=size)
+    negative = tiny_conditioning(seed=2, width=size, height=size)
+    latent = torch.zeros(1, 4, size // 8, size // 8)
+    noise = comfy.sample.prepare_noise(latent, 0)
+    device = mm.get_torch_device()
+    probe = CudaPeak(torch, device) if device.type == "cuda" else ResidentPeak()
+
+    def run(variant: str, run_steps: int):
+        probe.start()
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = comfy.sample.sample(models[variant], noise, run_steps, CFG, "euler", "normal", positive, negative,
+                                  latent, disable_pbar=True, seed=0)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+        peak, working = probe.stop()
+        return seconds, cpu_seconds, peak, working, out
+
+    for variant in variants:  # warm-up: first-call allocations, lazy imports, model loading
+        run(variant, 1)
+    records = {variant: [] for variant in variants}
+    outputs = {}
+    for r in range(rounds + 1):
+        for variant in variants if r < rounds else ["unpatched"]:
+            seconds, cpu_seconds, peak, working, out = run(variant, steps)
+            records[variant].append((seconds, cpu_seconds, peak, working))
+            outputs.setdefault(variant, out)
+            print(f"  {name} round {r} {variant}: {seconds:.3f} s wall, {cpu_seconds:.3f} s CPU, peak "
+                  f"{peak / 2**20:.1f} MiB (+{working / 2**20:.1f} MiB) [load {os.getloadavg()[0]:.1f}]",
+                  file=sys.stderr, flush=True)
+
+    unpatched = records["unpatched"]
+    result = {"config": name, "device": str(device), "dtype": str(model.model.get_dtype()),
+              "size": size, "steps": steps, "rounds": rounds, "cfg": CFG, "load_s": load_s,
+              "gated_layers": len(gate_set.layers), "gate_parameters": gate_set.parameter_count(),
+              "unpatched_s": statistics.median(r[0] for r in unpatched),
+              "unpatched_cpu_s": statistics.median(r[1] for r in unpatched),
+              "unpatched_peak_mib": statistics.median(r[2] for r in unpatched) / 2**20,
+              "unpatched_working_mib": statistics.median(r[3] for r in unpatched) / 2**20,
+              "threads": torch.get_num_threads(), "records": records, "variants": {}}
+    for variant in variants[1:]:
+        ratios, cpu_ratios, extra, share, working_share = [], [], [], [], []
+        for r, (seconds, cpu_seconds, peak, working) in enumerate(records[variant]):
+            base = [(a + b) / 2 for a, b in zip(unpatched[r], unpatched[r + 1])]
+            ratios.append(seconds / base[0])
+            cpu_ratios.append(cpu_seconds / base[1])
+            extra.append((peak - base[2]) / 2**20)
+            share.append((peak - base[2]) / base[2])
+            working_share.append((peak - base[2]) / base[3])
+        result["variants"][variant] = {
+            "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+            "fastest_ratio": min(r[0] for r in records[variant]) / min(r[0] for r in unpatched),
+            "cpu_ratio_median": statistics.median(cpu_ratios), "cpu_ratio_min": min(cpu_ratios),
+            "cpu_ratio_max": max(cpu_ratios), "ratios": ratios, "cpu_ratios": cpu_ratios,
+            "peak_extra_mib": statistics.median(extra), "peak_extra_share": statistics.median(share),
+            "peak_extra_working_share": statistics.median(working_share),
+            "same_output_as_unpatched": bool(torch.equal(outputs[variant], outputs["unpatched"])),
+        }
+    return result
+
+
+# -- the driver ------------------------------------------------------------------------------
+def spawn(name: str, args) -> dict | None:
+    config = CONFIGS[name]
+    command = [sys.executable, __file__, "--worker", name, "--steps", str(args.steps or config["steps"]),
+               "--rounds", str(args.rounds or config["rounds"]), "--variants", *(args.variants or config["variants"])]
+    if args.checkpoint:
+        command += ["--checkpoint", str(args.checkpoint)]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD))
+    done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        print(f"{name}: worker failed with exit status {done.returncode}", file=sys.stderr)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def skip_reason(name: str, args) -> str | None:
+    config = CONFIGS[name]
+    if config["model"] == "checkpoint" and not args.checkpoint:
+        return "no --checkpoint given"
+    if config["device"] == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            return "no CUDA device here"
+    return None
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = re.search(r"^model name\s*:\s*(.+)$", handle.read(), re.M).group(1)
+    except (OSError, AttributeError):
+        pass
+    memory = ""
+    try:
+        with open("/proc/meminfo") as handle:
+            kib = int(re.search(r"MemTotal:\s+(\d+)", handle.read()).group(1))
+        memory = f", {kib / 2**20:.0f} GiB RAM"
+    except (OSError, AttributeError):
+        pass
+    load = ", load average %.2f %.2f %.2f" % os.getloadavg() if hasattr(os, "getloadavg") else ""
+    return f"{cpu}, {os.cpu_count()} logical CPUs{memory}{load}"
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| configuration | variant | wall time patched/unpatched, median (min-max) | CPU time ratio, median "
+             "(min-max) | fastest runs, wall | unpatched s/run (wall, CPU) | peak memory difference | output = unpatched |",
+             "|---|---|---|---|---|---|---|---|"]
+    for res in results:
+        where = f"{res['config']} ({res['device']}, {res['dtype'].replace('torch.', '')}, {res['size']}px, " \
+                f"{res['steps']} steps, cfg {res['cfg']:g}, {res['rounds']} rounds, {res['threads']} threads)"
+        for variant, v in res["variants"].items():
+            lines.append(f"| {where} | {variant} | {v['ratio_median']:.4f} ({v['ratio_min']:.4f}-{v['ratio_max']:.4f}) "
+                         f"| {v['cpu_ratio_median']:.4f} ({v['cpu_ratio_min']:.4f}-{v['cpu_ratio_max']:.4f}) "
+                         f"| {v['fastest_ratio']:.4f} "
+                         f"| {res['unpatched_s']:.2f}, {res['unpatched_cpu_s']:.2f} | {v['peak_extra_mib']:+.1f} MiB ({100 * v['peak_extra_share']:+.2f}% "
+                         f"of {res['unpatched_peak_mib']:.0f} MiB; {100 * v['peak_extra_working_share']:+.1f}% of the "
+                         f"{res['unpatched_working_mib']:.0f} MiB working set) | {'yes' if v['same_output_as_unpatched'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", nargs="+", choices=sorted(CONFIGS), default=list(CONFIGS))
+    parser.add_argument("--checkpoint", type=Path, help="an SDXL .safetensors (e.g. from make_random_sdxl.py)")
+    parser.add_argument("--steps", type=int, help="override the configuration's steps")
+    parser.add_argument("--rounds", type=int, help="override the configuration's rounds")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
+                        help="override the configuration's variants (unpatched is always run)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument("--worker", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        config = CONFIGS[args.worker]
+        variants = ["unpatched"] + [v for v in args.variants or config["variants"] if v != "unpatched"]
+        result = run_worker(args.worker, config, str(args.checkpoint) if args.checkpoint else None,
+                            args.steps or config["steps"], args.rounds or config["rounds"], variants, args.threads)
+        print(json.dumps(result))
+        return
+
+    print(f"machine: {machine()}", flush=True)
+    results = []
+    for name in args.config:
+        reason = skip_reason(name, args)
+        if reason:
+            print(f"{name}: not measured ({reason})", flush=True)
+            continue
+        print(f"{name}: running ...", flush=True)
+        result = spawn(name, args)
+        if result is not None:
+            results.append(result)
+            print(table([result]), flush=True)
+    print(f"\nmachine after the runs: {machine()}\n")
+    print(table(results))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"machine": machine(), "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

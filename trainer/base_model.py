@@ -1,0 +1,165 @@
+"""The frozen SDXL checkpoint: its UNet for training, its VAE and text encoders for the caches.
+
+Loaded with ComfyUI's own `comfy.sd.load_checkpoint_guess_config`, so whatever ComfyUI
+loads, the trainer loads. The UNet is loaded alone; the VAE and the text encoders are
+loaded only when the cache misses something, and leave memory before training starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from maskattn_comfy.model_check import ModelFamilyError, require_sdxl
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+
+
+class BaseModelError(ValueError):
+    """A --checkpoint that cannot be trained on; the message says why."""
+
+
+@dataclass
+class BaseModel:
+    patcher: object                      # comfy ModelPatcher of the frozen UNet
+    layer_channels: dict                 # {LayerKey: channels} of its attn2 layers
+    open_encoders: Callable[[], object]  # -> an object with encode_image, encode_text, close
+    identities: tuple[str, str]          # (VAE identity, text-encoder identity) for the cache keys
+    provenance: dict                     # what the gate file records about the base model
+
+
+class ComfyEncoders:
+    """ComfyUI's VAE (in float32: SDXL's VAE overflows in float16) and its CLIP-L + CLIP-G."""
+
+    def __init__(self, vae, clip):
+        self.vae, self.clip = vae, clip
+        vae.first_stage_model.to(torch.float32)
+        vae.vae_dtype = torch.float32
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B,H,W,3] in [0,1] -> raw VAE latents [B,4,H/8,W/8] (before the model's latent scaling)."""
+        return self.vae.encode(pixels).float().cpu()
+
+    def encode_text(self, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> context [1,T,2048] (T = 77, 154, ...), pooled [1,1280]."""
+        context, pooled = self.clip.encode_from_tokens(self.clip.tokenize(caption), return_pooled=True)
+        return context.cpu(), pooled.cpu()
+
+    def close(self) -> None:
+        import comfy.model_management as mm
+
+        self.vae = self.clip = None
+        mm.unload_all_models()
+        mm.soft_empty_cache()
+
+
+def resolve_checkpoint(name: str) -> Path:
+    """A path, or a file name in ComfyUI's models/checkpoints."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path.resolve()
+    import folder_paths
+
+    found = folder_paths.get_full_path("checkpoints", name)
+    if found:
+        return Path(found)
+    folders = ", ".join(folder_paths.get_folder_paths("checkpoints"))
+    raise BaseModelError(f"--checkpoint {name!r} is neither a file nor a checkpoint name in {folders}")
+
+
+def file_sha256(path: Path, cache_dir: Path) -> str:
+    """The file's SHA-256, remembered by (path, size, mtime) so a 7 GB checkpoint is hashed once."""
+    stat = path.stat()
+    record = cache_dir / "file_hashes.json"
+    key = f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
+    known = json.loads(record.read_text()) if record.is_file() else {}
+    if key not in known:
+        h = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 24), b""):
+                h.update(chunk)
+        known[key] = h.hexdigest()
+        record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_name(f"{record.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=1))
+        os.replace(tmp, record)
+    return known[key]
+
+
+def check_sdxl(patcher, source: str) -> dict:
+    try:
+        return require_sdxl(patcher)
+    except ModelFamilyError as error:
+        raise BaseModelError(f"{source} is not an SDXL checkpoint: {error}") from error
+
+
+def load_checkpoint(name: str, precision: str, cache_dir: Path) -> BaseModel:
+    import comfy.sd
+    import folder_paths
+
+    path = resolve_checkpoint(name)
+    dtype = unet_dtype(precision)
+    model_options = {"dtype": dtype} if dtype is not None else {}
+    try:
+        patcher, *_ = comfy.sd.load_checkpoint_guess_config(
+            str(path), output_vae=False, output_clip=False, model_options=model_options)
+    except Exception as error:  # ComfyUI raises RuntimeError/KeyError/safetensors errors for files it cannot read
+        raise BaseModelError(f"ComfyUI cannot load {path.name} as a checkpoint: {error}") from error
+    layer_channels = check_sdxl(patcher, path.name)
+    digest = file_sha256(path, cache_dir)
+
+    def open_encoders():
+        _, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
+            str(path), output_model=False, output_vae=True, output_clip=True,
+            embedding_directory=folder_paths.get_folder_paths("embeddings"))
+        if clip is None or vae is None:
+            raise BaseModelError(f"{path.name} holds no {'text encoders' if clip is None else 'VAE'}; "
+                                 "the trainer needs a full single-file SDXL checkpoint")
+        return ComfyEncoders(vae, clip)
+
+    identities = (f"vae:{digest}:float32", f"text:{digest}")
+    provenance = {"base_model": path.name, "base_model_sha256": digest,
+                  "prediction": prediction_type(patcher)}
+    return BaseModel(patcher, layer_channels, open_encoders, identities, provenance)
+
+
+def unet_dtype(precision: str) -> torch.dtype | None:
+    """The frozen UNet's dtype; "auto": bfloat16 on GPUs that have it, else float32 (None: ComfyUI's choice on the CPU).
+
+    Not float16 by default: the straight-through gradients through the -10000 mask reach
+    magnitudes far beyond float16's range (65504), so float16 backward passes overflow.
+    """
+    if precision != "auto":
+        return PRECISIONS[precision]
+    import comfy.model_management as mm
+
+    if mm.get_torch_device().type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return None
+
+
+def prediction_type(patcher) -> str:
+    """'eps' or 'v': what the UNet predicts, from ComfyUI's model_sampling for this model."""
+    import comfy.model_sampling as ms
+
+    sampling = patcher.get_model_object("model_sampling")
+    discrete = isinstance(sampling, ms.ModelSamplingDiscrete) and not isinstance(sampling, ms.ModelSamplingDiscreteEDM)
+    kind = next((k for k in (ms.EDM, ms.X0, ms.CONST, ms.V_PREDICTION, ms.EPS) if isinstance(sampling, k)), None)
+    if discrete and kind is ms.V_PREDICTION:
+        return "v"
+    if discrete and kind is ms.EPS:
+        return "eps"
+    raise BaseModelError(f"this model samples as {kind.__name__ if kind else type(sampling).__name__}"
+                         f"{'' if discrete else ' (continuous)'}; the trainer supports discrete epsilon- and "
+                         "v-prediction SDXL models")
+
+
+def freeze(patcher) -> None:
+    for parameter in patcher.model.parameters():
+        parameter.requires_grad_(False)

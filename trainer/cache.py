@@ -1,0 +1,178 @@
+"""Content-keyed on-disk caches of VAE latents and text-encoder outputs.
+
+A latent's key hashes the image's bytes, the crop settings (resolution, buckets) and the
+VAE's identity; a text entry's key hashes the caption and the text encoders' identity. So a
+second run encodes nothing, and an edited image or caption re-encodes only itself. Entries
+are small safetensors files, written to a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .data import DataError, Example, Skipped, SizeConditioning, load_image
+
+CROP_VERSION = "centre-cover-lanczos-1"  # change when load_image's crop changes: old latents no longer apply
+
+
+def _digest(*parts) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else str(part).encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def latent_key(image_bytes: bytes, resolution: int, buckets: bool, vae_identity: str) -> str:
+    return _digest("latent", hashlib.sha256(image_bytes).hexdigest(), resolution, buckets, CROP_VERSION, vae_identity)
+
+
+def text_key(caption: str, text_identity: str) -> str:
+    return _digest("text", caption, text_identity)
+
+
+class FeatureCache:
+    """`root/latents/ab/<key>.safetensors` and `root/text/ab/<key>.safetensors`."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def path(self, kind: str, key: str) -> Path:
+        return self.root / kind / key[:2] / f"{key}.safetensors"
+
+    def has(self, kind: str, key: str) -> bool:
+        return self.path(kind, key).is_file()
+
+    def put(self, kind: str, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        path = self.path(kind, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        try:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def get(self, kind: str, key: str) -> dict[str, torch.Tensor]:
+        return load_file(str(self.path(kind, key)))
+
+    def shape(self, kind: str, key: str, name: str) -> list[int]:
+        """A tensor's shape, read from the file's header without loading it."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.path(kind, key)), "pt") as handle:
+            return list(handle.get_slice(name).get_shape())
+
+
+@dataclass(frozen=True)
+class Item:
+    """One training example, as cache keys."""
+    latent: str
+    text: str
+    bucket: tuple[int, int]  # latent (height, width): examples of one batch share it
+
+
+@dataclass
+class EncodeCounts:
+    latents_encoded: int = 0
+    latents_cached: int = 0
+    texts_encoded: int = 0
+    texts_cached: int = 0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Prepared:
+    items: list[Item]
+    skipped: Skipped
+    counts: EncodeCounts = field(default_factory=EncodeCounts)
+
+    def dataset_hash(self) -> str:
+        return _digest(*(f"{item.latent}:{item.text}" for item in self.items))
+
+
+def prepare(examples: list[Example], cache: FeatureCache, open_encoders, resolution: int, buckets: bool,
+            on_bad_image: str, skipped: Skipped, identities: tuple[str, str], shard: tuple[int, int] = (0, 1),
+            ) -> Prepared:
+    """Cache keys for every usable example; encodes only what the cache lacks.
+
+    `open_encoders()` is called at most once, on the first miss, so a fully cached dataset
+    never loads the VAE or the text encoders. `shard` = (rank, world): each rank encodes
+    its share; every rank returns the keys of all examples (the caller waits for the others).
+    """
+    vae_identity, text_identity = identities
+    encoders = None
+    prepared = Prepared([], skipped)
+    counts = prepared.counts
+    rank, world = shard
+    for index, example in enumerate(examples):
+        mine = index % world == rank
+        try:
+            image_bytes = example.image.read_bytes()
+        except OSError as error:
+            _bad_image(example, f"unreadable image ({error.strerror or error})", on_bad_image, skipped)
+            continue
+        lkey = latent_key(image_bytes, resolution, buckets, vae_identity)
+        tkey = text_key(example.caption, text_identity)
+        if cache.has("latents", lkey):
+            counts.latents_cached += mine
+            bucket = tuple(cache.shape("latents", lkey, "latent")[-2:])
+        else:
+            try:
+                pixels, size = load_image(example.image, resolution, buckets)
+            except (OSError, ValueError, SyntaxError) as error:  # PIL raises all three for broken files
+                _bad_image(example, f"corrupt image ({type(error).__name__}: {error})", on_bad_image, skipped)
+                continue
+            bucket = (size.target[1] // 8, size.target[0] // 8)
+            if mine:
+                encoders = encoders or open_encoders()
+                latent = encoders.encode_image(pixels.unsqueeze(0))[0]
+                cache.put("latents", lkey, {"latent": latent, "size": torch.tensor(size.as_list())})
+                counts.latents_encoded += 1
+        if cache.has("text", tkey):
+            counts.texts_cached += mine
+        elif mine:
+            encoders = encoders or open_encoders()
+            context, pooled = encoders.encode_text(example.caption)
+            cache.put("text", tkey, {"context": context[0], "pooled": pooled[0]})
+            counts.texts_encoded += 1
+        prepared.items.append(Item(lkey, tkey, bucket))
+    if encoders is not None:
+        encoders.close()  # the encoders leave memory before training starts
+    return prepared
+
+
+def _bad_image(example: Example, why: str, on_bad_image: str, skipped: Skipped) -> None:
+    if on_bad_image == "fail":
+        raise DataError(f"{why}: {example.image}; fix or remove it, or pass --bad-images skip to leave it out")
+    skipped.add(why.split(" (")[0], example.image)
+
+
+def load_batch(cache: FeatureCache, items: list[Item]):
+    """Stacked raw latents [B,4,h,w], contexts [B,T,2048], pooled [B,1280] and size conditionings."""
+    latents, contexts, pooled, sizes = [], [], [], []
+    for item in items:
+        entry = cache.get("latents", item.latent)
+        text = cache.get("text", item.text)
+        latents.append(entry["latent"].float())
+        sizes.append(SizeConditioning.from_list(entry["size"].tolist()))
+        contexts.append(text["context"].float())
+        pooled.append(text["pooled"].float())
+    return torch.stack(latents), stack_contexts(contexts), torch.stack(pooled), sizes
+
+
+def stack_contexts(contexts: list[torch.Tensor]) -> torch.Tensor:
+    """Prompts of 77, 154, ... tokens in one batch: repeat each to the least common multiple, as ComfyUI's conds do."""
+    import math
+
+    lengths = [c.shape[0] for c in contexts]
+    common = math.lcm(*lengths)
+    return torch.stack([c.repeat(common // c.shape[0], 1) for c in contexts])

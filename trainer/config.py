@@ -1,0 +1,205 @@
+"""The trainer's configuration: the paper's defaults, a TOML or YAML file, then flags.
+
+Every field is a flag (`--field-name`) and a config-file key (`field_name`); later sources
+win: defaults < `--demo` defaults < `--config FILE` < flags. The resolved configuration is
+saved as YAML beside the outputs and can be passed back with `--config`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from maskattn_core import STAGES, PLACEMENTS, MaskAttnConfig
+
+
+class ConfigError(ValueError):
+    """A configuration value that is wrong; the message names it and what was expected."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # What to train on.
+    checkpoint: str | None = None
+    data: str | None = None
+    data_format: str = "auto"            # auto | folder | jsonl | coco
+    coco_images: str | None = None
+    coco_min_noun_phrases: int = 2       # the paper's caption filter for COCO
+    output: str = "output/maskattn"
+    name: str = "maskattn_gates"
+    comfyui: str | None = None
+    install: bool = False                # also write the final gates into ComfyUI's models/maskattn
+    # The gates (the paper's defaults).
+    stage: str = "mid"
+    placement: str = "encoder_decoder"
+    threshold: float = 0.5
+    negative_value: float = -10000.0
+    gate_hidden_dim: int = 128
+    share_heads_by_stage: bool = True
+    # Optimisation (the paper's defaults).
+    steps: int = 10000
+    stop_at: int = 0                     # stop with a checkpoint after this step (0: at --steps); the schedule stays --steps long
+    batch_size: int = 2
+    grad_accum: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 1000
+    grad_clip: float = 1.0
+    seed: int = 42
+    # Images.
+    resolution: int = 512
+    buckets: bool = False                # aspect-ratio buckets instead of a square centre crop
+    # Precision and memory.
+    precision: str = "auto"              # auto | fp32 | bf16 | fp16 of the frozen UNet (gates stay fp32); fp64 for CPU exactness checks
+    gradient_checkpointing: bool = False
+    cpu: bool = False
+    # Never lose work.
+    save_every: int = 500
+    keep_last: int = 3
+    resume: bool = False
+    # Caches and bad input.
+    cache_dir: str | None = None         # default: <output>/cache
+    bad_images: str = "skip"             # skip | fail
+    bad_captions: str = "skip"           # skip | fail
+    # Telling the user.
+    log_every: int = 1
+    progress: bool = True
+    tensorboard: bool = True             # when the tensorboard package is installed
+    # The built-in demo.
+    demo: bool = False
+    demo_images: int = 24
+
+    def __post_init__(self):
+        choices = {"data_format": ("auto", "folder", "jsonl", "coco"), "precision": ("auto", "fp32", "bf16", "fp16", "fp64"),
+                   "bad_images": ("skip", "fail"), "bad_captions": ("skip", "fail"), "stage": STAGES,
+                   "placement": PLACEMENTS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        positive = ("steps", "batch_size", "grad_accum", "resolution", "save_every", "keep_last", "log_every",
+                    "gate_hidden_dim", "demo_images")
+        for name in positive:
+            if int(getattr(self, name)) <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.resolution % 8:
+            raise ConfigError(f"resolution must be a multiple of 8 (the VAE's factor), got {self.resolution}")
+        if self.warmup_steps < 0 or self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError(f"need warmup_steps >= 0, lr > 0, weight_decay >= 0, grad_clip >= 0; got "
+                              f"{self.warmup_steps}, {self.lr}, {self.weight_decay}, {self.grad_clip}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        if not self.demo and (self.checkpoint is None or self.data is None):
+            raise ConfigError("--checkpoint and --data are required (or --demo to try the built-in tiny model)")
+        self.maskattn()  # validates stage, threshold, negative_value, ...
+
+    def maskattn(self) -> MaskAttnConfig:
+        return MaskAttnConfig(stage=self.stage, placement=self.placement, threshold=float(self.threshold),
+                              negative_value=float(self.negative_value), gate_hidden_dim=int(self.gate_hidden_dim),
+                              share_heads_by_stage=bool(self.share_heads_by_stage))
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else Path(self.output) / "cache"
+
+    def to_dict(self) -> dict:
+        values = dataclasses.asdict(self)
+        values["betas"] = list(self.betas)
+        return values
+
+
+# What `--demo` changes, unless a config file or a flag says otherwise: about a minute on a CPU.
+DEMO_DEFAULTS = dict(resolution=64, batch_size=2, grad_accum=1, steps=100, warmup_steps=10, lr=1e-3,
+                     gate_hidden_dim=32, save_every=25, output="output/maskattn_demo", name="maskattn_demo", cpu=True)
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A TOML or YAML (or JSON) file of the same keys as the flags."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".toml":
+            import tomllib
+            values = tomllib.loads(text)
+        else:
+            import yaml
+            values = yaml.safe_load(text) or {}
+    except Exception as error:  # a parse error from either library, said in the user's terms
+        raise ConfigError(f"cannot parse config file {path}: {error}") from error
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values, got {type(values).__name__}")
+    return {str(key).replace("-", "_"): value for key, value in values.items()}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python trainer/train.py",
+        description="Train MaskAttn gate heads for a frozen SDXL checkpoint on captioned images.",
+        argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", help="a TOML or YAML file with the same keys as these flags")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"(default {default})")
+        elif f.name == "betas":
+            parser.add_argument(flag, type=float, nargs=2, metavar=("BETA1", "BETA2"), help=f"(default {default})")
+        else:
+            kind = {int: int, float: float}.get(type(default), str)
+            parser.add_argument(flag, type=kind, help=f"(default {default})")
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    flags = vars(_parser().parse_args(argv))
+    config_file = flags.pop("config", None)
+    from_file = read_config_file(config_file) if config_file else {}
+    demo = flags.get("demo", from_file.get("demo", False))
+    values = dict(DEMO_DEFAULTS) if demo else {}
+    values.update(from_file)
+    values.update(flags)
+    return build_config(values)
+
+
+def build_config(values: dict) -> TrainConfig:
+    known = {f.name: f for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown config keys {unknown}; known keys are {sorted(known)}")
+    typed = {}
+    for name, value in values.items():
+        default = known[name].default
+        try:
+            if name == "betas":
+                value = tuple(float(b) for b in value)
+            elif isinstance(default, bool):
+                if not isinstance(value, bool):
+                    raise TypeError("expected true or false")
+            elif isinstance(default, int) and value is not None:
+                if isinstance(value, float) and not value.is_integer():
+                    raise TypeError("expected an integer")
+                value = int(value)
+            elif isinstance(default, float) and value is not None:
+                value = float(value)
+            elif value is not None:
+                value = str(value)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"{name}: {value!r} is not valid ({error})") from error
+        typed[name] = value
+    return TrainConfig(**typed)
+
+
+def save_resolved(config: TrainConfig, path: Path) -> None:
+    import yaml
+
+    path.write_text("# The resolved trainer configuration; pass it back with --config.\n"
+                    + yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def config_json(config: TrainConfig) -> str:
+    return json.dumps(config.to_dict(), sort_keys=True)

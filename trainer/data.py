@@ -1,0 +1,233 @@
+"""Captioned images: where they come from, how they are cropped, and in which order they train.
+
+Three sources: a folder of images with same-name `.txt` captions (the kohya / ComfyUI
+convention, subfolders included); a JSONL file of {"image", "caption"} lines (image paths
+relative to the file); COCO caption JSON with its image folder, filtered as in the paper
+to captions with at least two noun phrases (spaCy).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class DataError(ValueError):
+    """Training data that cannot be used; the message names the file and what to do."""
+
+
+@dataclass(frozen=True)
+class Example:
+    image: Path
+    caption: str
+
+
+@dataclass
+class Skipped:
+    """What was left out, by reason, with a few file names to show the user."""
+    counts: dict = field(default_factory=dict)
+    samples: dict = field(default_factory=dict)
+
+    def add(self, reason: str, what) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        self.samples.setdefault(reason, [])
+        if len(self.samples[reason]) < 3:
+            self.samples[reason].append(str(what))
+
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def describe(self) -> str:
+        return "; ".join(f"{n} {reason} (e.g. {', '.join(self.samples[reason])})" for reason, n in self.counts.items())
+
+
+def _caption_problem(caption) -> str | None:
+    if caption is None:
+        return "missing caption"
+    if not isinstance(caption, str) or not caption.strip():
+        return "empty caption"
+    return None
+
+
+def _keep(examples, skipped, image, caption, on_bad: str):
+    problem = _caption_problem(caption)
+    if problem is None:
+        examples.append(Example(Path(image), caption.strip()))
+    elif on_bad == "fail":
+        raise DataError(f"{problem} for image {image}: write a caption, or pass --bad-captions skip to leave it out")
+    else:
+        skipped.add(problem, image)
+
+
+def read_folder(root: Path, on_bad_caption: str, skipped: Skipped) -> list[Example]:
+    examples: list[Example] = []
+    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    for image in images:
+        text = image.with_suffix(".txt")
+        caption = text.read_text(encoding="utf-8", errors="replace") if text.is_file() else None
+        _keep(examples, skipped, image, caption, on_bad_caption)
+    return examples
+
+
+def read_jsonl(path: Path, on_bad_caption: str, skipped: Skipped) -> list[Example]:
+    examples: list[Example] = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            image = record["image"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise DataError(f"{path}:{number} is not a JSON object with an \"image\" key ({error})") from error
+        _keep(examples, skipped, path.parent / image, record.get("caption"), on_bad_caption)
+    return examples
+
+
+def noun_phrase_counter():
+    """spaCy's noun chunks, as the paper filters COCO; a DataError that says how to get it otherwise."""
+    try:
+        import spacy
+    except ImportError:
+        raise DataError("the COCO caption filter (at least two noun phrases, as in the paper) needs spaCy: "
+                        "pip install spacy && python -m spacy download en_core_web_sm, "
+                        "or pass --coco-min-noun-phrases 0 to train on every caption") from None
+    try:
+        nlp = spacy.load("en_core_web_sm", disable=["ner", "lemmatizer"])
+    except OSError:
+        raise DataError("spaCy is installed but its English model is not: python -m spacy download en_core_web_sm "
+                        "(or pass --coco-min-noun-phrases 0)") from None
+    return lambda text: sum(1 for _ in nlp(text).noun_chunks)
+
+
+def read_coco(path: Path, images: Path | None, min_noun_phrases: int, on_bad_caption: str,
+              skipped: Skipped) -> list[Example]:
+    try:
+        coco = json.loads(path.read_text(encoding="utf-8"))
+        files = {record["id"]: record["file_name"] for record in coco["images"]}
+        annotations = coco["annotations"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise DataError(f"{path} is not COCO caption JSON (needs \"images\" with id/file_name and "
+                        f"\"annotations\" with image_id/caption): {error}") from error
+    folder = Path(images) if images else path.parent
+    count = noun_phrase_counter() if min_noun_phrases > 0 else None
+    examples: list[Example] = []
+    for record in sorted(annotations, key=lambda r: (r.get("image_id"), r.get("id", 0))):
+        if record.get("image_id") not in files:
+            skipped.add("caption of an unknown image", record.get("image_id"))
+            continue
+        caption = record.get("caption")
+        if count is not None and _caption_problem(caption) is None and count(caption) < min_noun_phrases:
+            skipped.add(f"caption with fewer than {min_noun_phrases} noun phrases", caption)
+            continue
+        _keep(examples, skipped, folder / files[record["image_id"]], caption, on_bad_caption)
+    return examples
+
+
+def read_examples(data: str, data_format: str, coco_images: str | None, coco_min_noun_phrases: int,
+                  on_bad_caption: str) -> tuple[list[Example], Skipped]:
+    path = Path(data)
+    if not path.exists():
+        raise DataError(f"--data {data!r} does not exist")
+    if data_format == "auto":
+        data_format = "folder" if path.is_dir() else "jsonl" if path.suffix.lower() == ".jsonl" else "coco"
+    skipped = Skipped()
+    if data_format == "folder":
+        if not path.is_dir():
+            raise DataError(f"--data {data!r} is not a folder (data_format folder)")
+        examples = read_folder(path, on_bad_caption, skipped)
+    elif data_format == "jsonl":
+        examples = read_jsonl(path, on_bad_caption, skipped)
+    else:
+        examples = read_coco(path, Path(coco_images) if coco_images else None, coco_min_noun_phrases,
+                             on_bad_caption, skipped)
+    return examples, skipped
+
+
+# -- images -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SizeConditioning:
+    """SDXL's micro-conditioning: original size, crop's top-left corner, target size (pixels)."""
+    original: tuple[int, int]  # (width, height)
+    crop: tuple[int, int]      # (left, top) in the resized image
+    target: tuple[int, int]    # (width, height)
+
+    def as_list(self) -> list[int]:
+        return [*self.original, *self.crop, *self.target]
+
+    @classmethod
+    def from_list(cls, values) -> "SizeConditioning":
+        values = [int(v) for v in values]
+        return cls(tuple(values[0:2]), tuple(values[2:4]), tuple(values[4:6]))
+
+
+def buckets_for(resolution: int) -> list[tuple[int, int]]:
+    """(width, height) pairs of about resolution² pixels, sides multiples of resolution/8, aspect up to 4:1."""
+    step = max(8, resolution // 8)
+    out = []
+    for width in range(step, 2 * resolution + 1, step):
+        height = (resolution * resolution // width) // step * step
+        if height >= step and 0.25 <= width / height <= 4.0:
+            out.append((width, height))
+    return out
+
+
+def target_size(width: int, height: int, resolution: int, buckets: bool) -> tuple[int, int]:
+    if not buckets:
+        return resolution, resolution
+    aspect = math.log(width / height)
+    return min(buckets_for(resolution), key=lambda wh: (abs(math.log(wh[0] / wh[1]) - aspect), -wh[0] * wh[1]))
+
+
+def load_image(path: Path, resolution: int, buckets: bool):
+    """(pixels [H,W,3] float in [0,1], SizeConditioning): resized to cover the target, then centre-cropped.
+
+    Raises OSError / ValueError for an unreadable or corrupt file.
+    """
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as image:
+        image.load()
+        image = ImageOps.exif_transpose(image).convert("RGB")
+    original = image.size
+    target = target_size(*original, resolution, buckets)
+    scale = max(target[0] / original[0], target[1] / original[1])
+    resized = (max(target[0], round(original[0] * scale)), max(target[1], round(original[1] * scale)))
+    image = image.resize(resized, Image.Resampling.LANCZOS)
+    left, top = (resized[0] - target[0]) // 2, (resized[1] - target[1]) // 2
+    image = image.crop((left, top, left + target[0], top + target[1]))
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(target[1], target[0], 3)
+    return pixels.float() / 255.0, SizeConditioning(original, (left, top), target)
+
+
+# -- the order of training ----------------------------------------------------------------
+
+def epoch_batches(groups: list[int], global_batch: int, seed: int, epoch: int) -> list[list[int]]:
+    """One epoch's global micro-batches of example indices; `groups[i]` is example i's bucket.
+
+    Deterministic in (seed, epoch), so a resumed run and a run on more ranks see the same
+    batches. Examples of one batch share a bucket; the remainder of each bucket is dropped.
+    """
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(groups)))
+    rng.shuffle(order)
+    by_group: dict[int, list[int]] = {}
+    for index in order:
+        by_group.setdefault(groups[index], []).append(index)
+    batches = [members[i:i + global_batch] for _, members in sorted(by_group.items())
+               for i in range(0, len(members) - global_batch + 1, global_batch)]
+    rng.shuffle(batches)
+    return batches
+
+
+def sample_generator(seed: int, micro_step: int, slot: int) -> torch.Generator:
+    """The noise and timestep of one sample depend only on (seed, micro step, slot in the global batch):
+    resuming, or splitting the batch across ranks, draws the same numbers."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + micro_step) * 4096 + slot)

@@ -1,0 +1,212 @@
+"""The training step: the ordinary noise-prediction loss of the frozen UNet, through the gates.
+
+The gates run inside ComfyUI's attn2 hooks (maskattn_comfy.patch.apply_maskattn, the path the
+MaskAttn Loader node uses) with straight-through gradients; only their parameters train.
+Noise levels and inputs follow ComfyUI's model_sampling for the model type:
+  x_t = x_0 + σ·ε,  UNet input x_t / sqrt(σ² + 1) = sqrt(ᾱ)·x_0 + sqrt(1 − ᾱ)·ε,
+  target ε (epsilon models) or v = sqrt(ᾱ)·ε − sqrt(1 − ᾱ)·x_0 (v-prediction models).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+from .cache import FeatureCache, Item, load_batch
+from .data import DataError, SizeConditioning, epoch_batches, sample_generator
+from .distributed import World
+
+
+def noisy_input_and_target(model_sampling, prediction: str, x0: torch.Tensor, noise: torch.Tensor,
+                           sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the UNet's input, the regression target) for clean latents x0, noise ε and noise levels σ [B]."""
+    s = sigma.view(-1, *([1] * (x0.ndim - 1)))
+    model_input = model_sampling.calculate_input(sigma, x0 + s * noise)
+    if prediction == "eps":
+        return model_input, noise
+    return model_input, (noise - s * x0) / torch.sqrt(s * s + 1.0)
+
+
+def sdxl_adm(model, pooled: torch.Tensor, sizes: list[SizeConditioning]) -> torch.Tensor:
+    """SDXL's `y`: pooled text embedding + embeddings of original size, crop and target size, per sample."""
+    rows = [model.encode_adm(pooled_output=pooled[i:i + 1], width=size.original[0], height=size.original[1],
+                             crop_w=size.crop[0], crop_h=size.crop[1], target_width=size.target[0],
+                             target_height=size.target[1])
+            for i, size in enumerate(sizes)]
+    return torch.cat(rows)
+
+
+def noise_prediction_loss(patched, prediction: str, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor,
+                          context: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """MSE between the patched UNet's prediction and the target; gradients reach only the gates."""
+    model = patched.model
+    sampling = model.model_sampling
+    unet = model.diffusion_model
+    device = next(unet.parameters()).device
+    dtype = model.manual_cast_dtype or model.get_dtype()
+    x0, noise, sigma = x0.to(device), noise.to(device), sigma.to(device)
+    model_input, target = noisy_input_and_target(sampling, prediction, x0, noise, sigma)
+    options = dict(patched.model_options.get("transformer_options", {}))
+    options["sigmas"] = sigma
+    timestep = sampling.timestep(sigma).float()
+    output = unet(model_input.to(dtype), timestep, context=context.to(device, dtype), y=y.to(device, dtype),
+                  transformer_options=options)
+    return F.mse_loss(output.float(), target.float())
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int):
+    """Linear warmup over `warmup_steps` optimizer steps, then cosine decay to 0 at `total_steps`."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def enable_gradient_checkpointing(patched) -> None:
+    """Recompute each UNet res block and spatial transformer in the backward pass instead of keeping
+    its activations (less memory, about a third more compute). Idempotent."""
+    from torch.utils.checkpoint import checkpoint
+    from comfy.ldm.modules.attention import SpatialTransformer
+    from comfy.ldm.modules.diffusionmodules.openaimodel import TimestepBlock
+
+    for module in patched.model.diffusion_model.modules():
+        if getattr(module, "_maskattn_checkpointed", False):
+            continue
+        if isinstance(module, TimestepBlock) and not isinstance(module, torch.nn.Sequential):
+            module.forward = _checkpointed(module.forward, checkpoint)
+        elif isinstance(module, SpatialTransformer):
+            module.forward = _checkpointed_transformer(module.forward, checkpoint)
+        else:
+            continue
+        module._maskattn_checkpointed = True
+
+
+def _checkpointed(forward, checkpoint):
+    return lambda *args: checkpoint(forward, *args, use_reentrant=False)
+
+
+def _checkpointed_transformer(forward, checkpoint):
+    def run(x, context=None, transformer_options={}, **kwargs):
+        # ComfyUI sets keys like "block_index" while the block runs: the recomputation must start
+        # from the dict as it was.
+        snapshot = dict(transformer_options)
+
+        def body(x, context):
+            return forward(x, context, dict(snapshot), **kwargs)
+        return checkpoint(body, x, context, use_reentrant=False)
+    return run
+
+
+@dataclass
+class StepResult:
+    loss: float
+    lr: float
+    grad_norm: float
+    data_seconds: float
+    seconds: float
+    skipped: bool = False  # non-finite gradients: no update was made
+
+
+class GateTrainer:
+    """AdamW on the gate parameters, fed in a deterministic order from the caches.
+
+    Optimizer step k consumes micro-batches k·accum ... k·accum + accum − 1 of the global
+    batch stream; rank r takes slots [r·b, (r+1)·b) of each. Every sample's noise and
+    timestep come from (seed, micro-batch, slot), so neither resuming nor the number of
+    ranks changes what is computed.
+    """
+
+    def __init__(self, patched, gate_set, prediction: str, cache: FeatureCache, items: list[Item], config,
+                 world: World):
+        self.patched, self.gate_set, self.prediction = patched, gate_set, prediction
+        self.cache, self.items, self.config, self.world = cache, items, config, world
+        self.params = [p for p in gate_set.parameters()]
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=tuple(config.betas),
+                                           weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           warmup_cosine(config.warmup_steps, config.steps))
+        self.step = 0
+        self.global_batch = config.batch_size * world.size
+        buckets = sorted({item.bucket for item in items})
+        self.groups = [buckets.index(item.bucket) for item in items]
+        self.batches_per_epoch = sum(self.groups.count(g) // self.global_batch for g in range(len(buckets)))
+        if self.batches_per_epoch == 0:
+            raise DataError(f"{len(items)} usable examples cannot fill one batch of {self.global_batch} "
+                             f"(batch size {config.batch_size} x {world.size} processes"
+                             f"{', per aspect bucket' if len(buckets) > 1 else ''}); add images or lower --batch-size")
+        self._epoch_cache: tuple[int, list] | None = None
+
+    def micro_batch(self, micro_step: int) -> list[int]:
+        """This rank's example indices for one micro-batch."""
+        epoch, index = divmod(micro_step, self.batches_per_epoch)
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            self._epoch_cache = (epoch, epoch_batches(self.groups, self.global_batch, self.config.seed, epoch))
+        batch = self._epoch_cache[1][index]
+        b = self.config.batch_size
+        return batch[self.world.rank * b:(self.world.rank + 1) * b]
+
+    def sample_noise(self, micro_step: int, shape, count: int):
+        """Noise [count, *shape] and noise levels σ [count] for this rank's slots of a micro-batch."""
+        sampling = self.patched.model.model_sampling
+        noises, sigmas = [], []
+        for i in range(count):
+            generator = sample_generator(self.config.seed, micro_step, self.world.rank * self.config.batch_size + i)
+            t = int(torch.randint(0, len(sampling.sigmas), (1,), generator=generator))
+            noises.append(torch.randn(tuple(shape), generator=generator))
+            sigmas.append(sampling.sigmas[t].float().cpu())
+        return torch.stack(noises), torch.stack(sigmas)
+
+    def micro_step_loss(self, micro_step: int) -> tuple[torch.Tensor, float]:
+        started = time.perf_counter()
+        indices = self.micro_batch(micro_step)
+        raw, context, pooled, sizes = load_batch(self.cache, [self.items[i] for i in indices])
+        model = self.patched.model
+        x0 = model.process_latent_in(raw)
+        y = sdxl_adm(model, pooled, sizes)
+        noise, sigma = self.sample_noise(micro_step, x0.shape[1:], x0.shape[0])
+        data_seconds = time.perf_counter() - started
+        loss = noise_prediction_loss(self.patched, self.prediction, x0, noise, sigma, context, y)
+        return loss, data_seconds
+
+    def train_step(self) -> StepResult:
+        started = time.perf_counter()
+        accum = self.config.grad_accum
+        total, data_seconds = 0.0, 0.0
+        self.optimizer.zero_grad(set_to_none=False)
+        for a in range(accum):
+            loss, seconds = self.micro_step_loss(self.step * accum + a)
+            (loss / accum).backward()
+            total += float(loss.detach()) / accum
+            data_seconds += seconds
+        self.world.average_gradients(self.params)
+        total = self.world.average_scalar(total)
+        if self.config.grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip))
+        else:
+            grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None])))
+        lr = self.scheduler.get_last_lr()[0]
+        finite = math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+        else:  # e.g. float16 overflow: skip the update, keep the schedule (as AMP's GradScaler does)
+            self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        return StepResult(total, lr, grad_norm, data_seconds, time.perf_counter() - started, skipped=not finite)
+
+    # -- state for checkpoints -------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"step": self.step, "micro_step": self.step * self.config.grad_accum,
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])

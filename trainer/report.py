@@ -1,0 +1,79 @@
+"""Telling the user: a progress bar (loss, lr, it/s, ETA), metrics as JSONL, TensorBoard when installed."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .loop import StepResult
+
+
+class Report:
+    """Only rank 0 makes one; other ranks get `Report.silent()`."""
+
+    def __init__(self, output: Path, start_step: int, total_steps: int, progress: bool, tensorboard: bool):
+        self.metrics_path = Path(output) / "metrics.jsonl"
+        self._trim(start_step)
+        self.metrics = open(self.metrics_path, "a", encoding="utf-8")
+        self.bar = None
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="MaskAttn", unit="step",
+                            dynamic_ncols=True, file=sys.stderr)
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(str(Path(output) / "tensorboard"))
+            except ImportError:  # tensorboard is optional
+                self.writer = None
+
+    def _trim(self, start_step: int) -> None:
+        """After a resume, drop metrics of steps past the checkpoint: they are about to be redone."""
+        if not self.metrics_path.is_file():
+            return
+        kept = [line for line in self.metrics_path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= start_step]
+        self.metrics_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    def step(self, step: int, result: StepResult, write_metrics: bool) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}", refresh=False)
+            self.bar.update(1)
+        if write_metrics:
+            record = {"step": step, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
+                      "step_seconds": round(result.seconds, 6), "data_seconds": round(result.data_seconds, 6)}
+            if result.skipped:
+                record["skipped"] = "non-finite gradients: no update"
+                self.note(f"step {step}: non-finite gradients (loss {result.loss}); the update was skipped")
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
+            if self.writer is not None:
+                for key in ("loss", "lr", "grad_norm", "step_seconds"):
+                    self.writer.add_scalar(f"train/{key}", record[key], step)
+
+    def note(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.write(message, file=sys.stderr)
+        else:
+            print(message, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.metrics.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+class SilentReport:
+    def step(self, *args, **kwargs) -> None:
+        pass
+
+    def note(self, message: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

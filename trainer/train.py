@@ -1,0 +1,237 @@
+#!/usr/bin/env python
+"""Train MaskAttn gates for a frozen SDXL checkpoint.
+
+    python trainer/train.py --checkpoint sd_xl_base_1.0.safetensors --data my_images/
+    python trainer/train.py --demo                       # a minute on the CPU, nothing to download
+    torchrun --nproc_per_node=2 trainer/train.py ...     # more than one GPU (or CPU process)
+
+Run `python trainer/train.py --help` for every option; `--config FILE` (TOML or YAML) takes
+the same keys. The result is `<output>/<name>.safetensors`, a file MaskAttn Loader reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from trainer.config import ConfigError, TrainConfig, parse_config, save_resolved  # noqa: E402
+from trainer.distributed import World, close_world, init_world  # noqa: E402
+
+# Exit codes: 0 done (or stopped at --stop-at), 1 bad input, 128 + signal after an interrupt.
+INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class OutputError(RuntimeError):
+    pass
+
+
+def check_output(output: Path) -> None:
+    """Fail before any work if the output folder cannot be written."""
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        probe = output / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as error:
+        raise OutputError(f"the output folder {output} is not writable ({error.strerror or error}); "
+                          "pick another with --output or fix its permissions") from None
+
+
+def say(world: World, message: str) -> None:
+    if world.is_main:
+        print(message, file=sys.stderr, flush=True)
+
+
+def prepare_data(config: TrainConfig, base, world: World, output: Path):
+    from trainer.cache import FeatureCache, prepare
+    from trainer.data import DataError, read_examples
+
+    data = config.data
+    if data is None:  # --demo without --data: generate the demo's captioned shapes
+        from trainer.demo import write_demo_dataset
+
+        data = str(output / "demo_data")
+        if world.is_main:
+            write_demo_dataset(Path(data), config.demo_images, seed=config.seed)
+        world.barrier()
+    examples, skipped = read_examples(data, config.data_format, config.coco_images, config.coco_min_noun_phrases,
+                                      config.bad_captions)
+    cache = FeatureCache(config.cache_path)
+    prepared = prepare(examples, cache, base.open_encoders, config.resolution, config.buckets, config.bad_images,
+                       skipped, base.identities, shard=(world.rank, world.size))
+    world.barrier()  # every rank's share of the cache is written
+    counts = {k: round(world.average_scalar(v) * world.size) for k, v in prepared.counts.as_dict().items()}
+    if not prepared.items:
+        raise DataError(f"no usable training examples in {data}" + (f": {skipped.describe()}" if skipped.total() else ""))
+    say(world, f"data: {len(prepared.items)} examples from {data}"
+               + (f"; skipped {skipped.total()}: {skipped.describe()}" if skipped.total() else "")
+               + f"; encoded {counts['latents_encoded']} images and {counts['texts_encoded']} captions, "
+                 f"{counts['latents_cached']} and {counts['texts_cached']} from the cache")
+    return cache, prepared, counts
+
+
+def train(config: TrainConfig, world: World) -> int:
+    from maskattn_comfy.patch import apply_maskattn
+    from maskattn_core import GateSet, save_gate_file
+    from trainer.base_model import freeze, load_checkpoint as load_base
+    from trainer.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+    from trainer.loop import GateTrainer, enable_gradient_checkpointing
+    from trainer.report import Report, SilentReport
+
+    output = Path(config.output)
+    if world.is_main:
+        check_output(output)
+        save_resolved(config, output / "config.yaml")
+    world.barrier()
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+
+    if config.demo and config.checkpoint is None:
+        from trainer.base_model import PRECISIONS
+        from trainer.demo import demo_base_model
+        base = demo_base_model(seed=config.seed, dtype=PRECISIONS.get(config.precision, torch.float32))
+    else:
+        base = load_base(config.checkpoint, config.precision, config.cache_path)
+    cache, prepared, counts = prepare_data(config, base, world, output)
+
+    provenance = dict(base.provenance, kind="trained", dataset_size=len(prepared.items),
+                      dataset_sha256=prepared.dataset_hash(), config=config.to_dict(),
+                      trainer="maskattn-comfyui trainer/train.py")
+    resume_from = latest_checkpoint(output) if config.resume else None
+    if config.resume and resume_from is None:
+        say(world, f"--resume: no complete checkpoint in {output / 'checkpoints'}; starting at step 0")
+    if resume_from is not None:
+        gate_set, state = load_checkpoint(resume_from)
+        check_resumable(config, state["config"], resume_from)
+        gate_set.provenance = provenance
+    else:
+        gate_set = GateSet.create(config.maskattn(), base.layer_channels, seed=config.seed, provenance=provenance)
+        state = None
+
+    freeze(base.patcher)
+    patched = apply_maskattn(base.patcher, gate_set)
+    import comfy.model_management as mm
+    mm.load_models_gpu([patched], force_full_load=True)
+    device = next(patched.model.diffusion_model.parameters()).device
+    gate_set.to(device=device, dtype=torch.float32)  # the gates and their optimizer state stay in float32
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(patched)
+    world.broadcast_parameters(list(gate_set.parameters()))
+
+    trainer = GateTrainer(patched, gate_set, base.provenance["prediction"], cache, prepared.items, config, world)
+    if state is not None:
+        trainer.load_state_dict(state)
+        set_rng_state(state["rng"])
+        say(world, f"resumed from {resume_from} at step {trainer.step}")
+    stop_at = min(config.stop_at or config.steps, config.steps)
+    say(world, f"training {gate_set.parameter_count():,} gate parameters on {len(gate_set.layers)} layers "
+               f"({base.provenance['prediction']}-prediction, {world.size} process(es), device {device}) "
+               f"to step {stop_at} of {config.steps}")
+    if world.is_main:
+        report = Report(output, trainer.step, stop_at, config.progress, config.tensorboard)
+        (output / "run.json").write_text(json.dumps({"encode": counts, "skipped": prepared.skipped.counts,
+                                                     "examples": len(prepared.items),
+                                                     "start_step": trainer.step}, indent=1))
+    else:
+        report = SilentReport()
+
+    def checkpoint():
+        if world.is_main:
+            gate_set.provenance["steps"] = trainer.step
+            path = save_checkpoint(output, trainer.step, gate_set,
+                                   dict(trainer.state_dict(), config=config.to_dict()), config.keep_last)
+            report.note(f"checkpoint: {path}")
+        world.barrier()
+
+    received = []
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in INTERRUPTED}
+    try:
+        while trainer.step < stop_at:
+            result = trainer.train_step()
+            report.step(trainer.step, result, trainer.step % config.log_every == 0 or trainer.step == stop_at)
+            interrupted = world.any(bool(received))
+            if interrupted or trainer.step % config.save_every == 0 or trainer.step == stop_at:
+                checkpoint()
+            if interrupted:
+                code = INTERRUPTED.get(received[0], 130) if received else 143
+                report.note(f"interrupted at step {trainer.step}: the checkpoint above holds everything; "
+                            "run the same command with --resume to continue")
+                return code
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        report.close()
+
+    if world.is_main and trainer.step >= config.steps:
+        gate_set.provenance["steps"] = trainer.step
+        final = save_gate_file(gate_set, output / f"{config.name}.safetensors")
+        say(world, f"gates: {final}")
+        if config.install:
+            import folder_paths
+            from maskattn_comfy.folders import FOLDER, register_folder
+            register_folder()
+            installed = save_gate_file(gate_set, Path(folder_paths.get_folder_paths(FOLDER)[0]) / final.name)
+            say(world, f"installed for MaskAttn Loader: {installed}")
+    elif trainer.step < config.steps:
+        say(world, f"stopped at step {trainer.step} of {config.steps} (--stop-at); continue with --resume")
+    return 0
+
+
+RESUME_KEYS = ("stage", "placement", "threshold", "negative_value", "gate_hidden_dim", "share_heads_by_stage",
+               "batch_size", "grad_accum", "seed", "resolution", "buckets", "steps", "warmup_steps", "lr",
+               "weight_decay", "betas", "grad_clip")
+
+
+def check_resumable(config: TrainConfig, saved: dict, path: Path) -> None:
+    """An exact continuation needs the settings that shape the computation to be unchanged."""
+    now = config.to_dict()
+    changed = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in RESUME_KEYS if saved.get(k) != now[k]]
+    if changed:
+        raise ConfigError(f"cannot resume from {path}: these settings differ from the checkpoint's ({'; '.join(changed)}); "
+                          "restore them, or train into a new --output")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = parse_config(argv)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if config.demo and "OMP_NUM_THREADS" not in os.environ:
+        # The tiny model's kernels gain nothing from more threads, and OpenMP threads on a busy CPU
+        # can wait on each other: measured 0.3 s/step with one thread, 10-14 s with two.
+        torch.set_num_threads(1)
+    world = init_world(config.cpu)
+    from maskattn_comfy import host
+
+    try:
+        host.boot(config.comfyui, cpu=True if config.cpu else None)
+    except host.ComfyUINotFound as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    from maskattn_core import GateFileError
+    from trainer.base_model import BaseModelError
+    from trainer.checkpoints import CheckpointError
+    from trainer.data import DataError
+
+    try:
+        return train(config, world)
+    except (ConfigError, DataError, BaseModelError, CheckpointError, OutputError, GateFileError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        close_world(world)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
