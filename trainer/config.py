@@ -136,6 +136,47 @@ def read_config_file(path: str | Path) -> dict:
     return {str(key).replace("-", "_"): value for key, value in values.items()}
 
 
+HELP = {
+    "checkpoint": "the SDXL checkpoint (.safetensors): a path, or a name in ComfyUI's models/checkpoints",
+    "data": "a folder of images with same-name .txt captions, a .jsonl of {image, caption}, or COCO captions JSON",
+    "data_format": "auto, folder, jsonl or coco",
+    "coco_images": "the COCO image folder (for --data-format coco)",
+    "coco_min_noun_phrases": "keep COCO captions with at least this many noun phrases (the paper: 2; needs spaCy)",
+    "output": "the run folder: gates, checkpoints, caches, metrics, the resolved config",
+    "name": "the gate file's name (<output>/<name>.safetensors)",
+    "comfyui": "the ComfyUI folder (default: COMFYUI_PATH, the ComfyUI holding this pack, or scripts/setup.sh's)",
+    "install": "also copy the final gates into ComfyUI's models/maskattn",
+    "stage": "gated layers: high, mid, low or all (the paper: mid)",
+    "placement": "encoder, decoder or encoder_decoder (the paper: encoder_decoder)",
+    "threshold": "a connection is open where the gate probability exceeds this",
+    "negative_value": "the logit added to closed connections",
+    "gate_hidden_dim": "the gate head's hidden size",
+    "share_heads_by_stage": "one gate head per stage (the paper) instead of one per layer",
+    "steps": "optimizer steps; the learning-rate schedule spans them",
+    "stop_at": "stop with a checkpoint after this step, keeping the --steps schedule (0: run to --steps)",
+    "batch_size": "images per process per micro-batch",
+    "grad_accum": "micro-batches per optimizer step",
+    "lr": "AdamW learning rate", "weight_decay": "AdamW weight decay", "betas": "AdamW betas",
+    "warmup_steps": "linear warm-up steps before the cosine decay",
+    "grad_clip": "clip the gates' gradient norm to this (0: off)",
+    "seed": "seeds the gates, the data order, the noise and the timesteps",
+    "resolution": "training side in pixels (centre crop, or the bucket area with --buckets)",
+    "buckets": "aspect-ratio buckets instead of a square centre crop",
+    "precision": "the frozen UNet's dtype: auto, fp32, bf16, fp16 (fp64 for exactness checks); gates stay fp32",
+    "gradient_checkpointing": "recompute the UNet's blocks in the backward pass to save memory",
+    "cpu": "train on the CPU even when a GPU is present",
+    "save_every": "write a checkpoint every N steps", "keep_last": "keep the last N checkpoints",
+    "resume": "continue from the newest complete checkpoint in --output",
+    "cache_dir": "where encoded latents and text embeddings are cached (default: <output>/cache)",
+    "bad_images": "skip (and count) or fail on unreadable images",
+    "bad_captions": "skip (and count) or fail on missing or empty captions",
+    "log_every": "write metrics every N steps", "progress": "show the progress bar",
+    "tensorboard": "also log to TensorBoard when it is installed",
+    "demo": "train the tiny built-in model on a generated dataset (about a minute on a CPU)",
+    "demo_images": "images in the --demo dataset",
+}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python trainer/train.py",
@@ -146,12 +187,13 @@ def _parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         default = f.default
         if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"(default {default})")
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"{HELP[f.name]} (default {default})")
         elif f.name == "betas":
-            parser.add_argument(flag, type=float, nargs=2, metavar=("BETA1", "BETA2"), help=f"(default {default})")
+            parser.add_argument(flag, type=float, nargs=2, metavar=("BETA1", "BETA2"),
+                                help=f"{HELP[f.name]} (default {default})")
         else:
             kind = {int: int, float: float}.get(type(default), str)
-            parser.add_argument(flag, type=kind, help=f"(default {default})")
+            parser.add_argument(flag, type=kind, help=f"{HELP[f.name]} (default {default})")
     return parser
 
 
