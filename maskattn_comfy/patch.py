@@ -75,8 +75,8 @@ class MaskAttnPatch:
 
     # -- the attn2 patch -------------------------------------------------------------------
     def __call__(self, n, context, value, extra_options):
-        block = extra_options.get("block")
-        head_name = self.keys.get((block[0], block[1], extra_options.get("block_index", 0))) if block else None
+        key = _layer_key(extra_options)
+        head_name = self.keys.get(key)
         if head_name is None or not self._active(extra_options):
             return n, context, value
         self._check_pending(extra_options)
@@ -87,8 +87,7 @@ class MaskAttnPatch:
         extra_options[MASK_KEY] = additive_mask(straight_through(hard, probabilities), self.penalty, n.dtype)
         self._pending = extra_options
         if self.recorder is not None:
-            self.recorder.gate(LayerKey(block[0], block[1], extra_options.get("block_index", 0)),
-                               probabilities, hard, extra_options)
+            self.recorder.gate(key, probabilities, hard, extra_options)
         return n, context, value
 
     # -- the attn2 replace -----------------------------------------------------------------
@@ -101,9 +100,7 @@ class MaskAttnPatch:
         if mask.dtype != q.dtype:
             mask = mask.to(q.dtype)
         if self.recorder is not None:
-            block = extra_options["block"]
-            self.recorder.attention(LayerKey(block[0], block[1], extra_options.get("block_index", 0)),
-                                    q, k, mask, heads, extra_options)
+            self.recorder.attention(_layer_key(extra_options), q, k, mask, heads, extra_options)
         return comfy_attention.optimized_attention_masked(q, k, v, heads, mask, attn_precision=precision,
                                                           transformer_options=extra_options)
 
@@ -152,11 +149,17 @@ class MaskAttnPatch:
         run = extra_options.get("sample_sigmas")
         if run is None or run is not self._warned_run:
             self._warned_run = run
-            block = pending.get("block")
-            where = f"{block[0]}.{block[1]}.{pending.get('block_index', 0)}" if block else "a gated layer"
+            key = _layer_key(pending)
+            where = layer_name(key) if key else "a gated layer"
             log.warning("MaskAttn: the gate mask for %s was computed but not applied: a node after MaskAttn "
                         "Loader replaced its cross-attention. Put MaskAttn Loader last in the MODEL chain, "
                         "or remove the other attention patch.", where)
+
+
+def _layer_key(extra_options) -> LayerKey | None:
+    """The attn2 key of the block call in progress, as ComfyUI's BasicTransformerBlock builds it."""
+    block = extra_options.get("block")
+    return LayerKey(block[0], block[1], extra_options.get("block_index", 0)) if block else None
 
 
 def _copy_to(head, device):
