@@ -208,6 +208,47 @@ def test_stop_then_resume_gives_the_same_gates_as_one_run(tmp_path, dataset, sha
     assert steps == list(range(1, 9))
 
 
+def test_validation_writes_samples_and_mask_grids_without_changing_training(tmp_path, dataset, shared_cache,
+                                                                          reference_run):
+    import numpy
+    from PIL import Image
+
+    code, out = train(tmp_path / "validated", "--steps", 8, "--save-every", 100, "--validate-every", 4,
+                      "--validate-sampler-steps", 2, data=dataset, cache=shared_cache)
+    assert code == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert not [r for r in records if "validation_error" in r]
+    validations = [r for r in records if "validation" in r]
+    assert [r["step"] for r in validations] == [4, 8]
+    captions = {p.read_text() for p in dataset.rglob("*.txt")}
+    for record in validations:
+        folder = out / "validation" / f"step-{record['step']:08d}"
+        assert sorted(p.name for p in folder.iterdir()) == [f"prompt-{i:02d}-{kind}.png" for i in (0, 1)
+                                                            for kind in ("mask-grid", "samples")]
+        assert [e["prompt"] for e in record["validation"]] == [e["prompt"] for e in validations[0]["validation"]]
+        assert len({e["prompt"] for e in record["validation"]}) == 2 and {e["prompt"] for e in record["validation"]} <= captions
+        for entry in record["validation"]:
+            assert Path(entry["samples"]).parent == folder and Path(entry["mask_grid"]).is_file()
+            with Image.open(entry["samples"]) as picture:  # without gates | 4 px gap | with gates
+                assert picture.size == (2 * 32 + 4, 32)
+                pixels = torch.from_numpy(numpy.asarray(picture.convert("RGB")).copy())
+            assert not torch.equal(pixels[:, :32], pixels[:, 36:])  # the gates change the sample
+            with Image.open(entry["mask_grid"]) as picture:
+                assert picture.size[0] > 32 and picture.size[1] > 32
+
+    # Bit-identical gates, and the same saved RNG state, as the same 8 steps without validation.
+    assert same_gates(out / "maskattn_demo.safetensors", reference_run)
+    mine = torch.load(out / "checkpoints" / "step-00000008" / "state.pt", weights_only=False)["rng"]
+    theirs = torch.load(reference_run.parent / "checkpoints" / "step-00000008" / "state.pt", weights_only=False)["rng"]
+    assert torch.equal(mine["torch"], theirs["torch"]) and tuple(mine["python"]) == tuple(theirs["python"])
+
+    config = parse_config(["--demo", "--validate-every", "5", "--validate-prompts", "a cat", "a dog"])
+    assert (config.validate_every, config.validate_prompts, config.validate_sampler_steps) == (5, ("a cat", "a dog"), 8)
+    assert parse_config(["--demo"]).validate_every == 0
+    with pytest.raises(ConfigError, match="validate_every"):
+        parse_config(["--demo", "--validate-every", "-1"])
+
+
 def test_sigterm_writes_a_checkpoint_that_resumes_to_the_same_gates(tmp_path, dataset, shared_cache, reference_run):
     out = tmp_path / "killed"
     argv = TINY + ["--output", str(out), "--steps", 8, "--save-every", 100, "--data", str(dataset),

@@ -3,6 +3,8 @@
 Loaded with ComfyUI's own `comfy.sd.load_checkpoint_guess_config`, so whatever ComfyUI
 loads, the trainer loads. The UNet is loaded alone; the VAE and the text encoders are
 loaded only when the cache misses something, and leave memory before training starts.
+With --validate-every, a second CLIP and VAE are loaded for validation and kept offloaded on
+the CPU between validations (trainer/validation.py).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ class BaseModel:
     open_encoders: Callable[[], object]  # -> an object with encode_image, encode_text, close
     identities: tuple[str, str]          # (VAE identity, text-encoder identity) for the cache keys
     provenance: dict                     # what the gate file records about the base model
+    # -> (ComfyUI CLIP, ComfyUI VAE) for --validate-every; loaded only when validation is on
+    open_validation: Callable[[], tuple] | None = None
 
 
 class ComfyEncoders:
@@ -123,10 +127,20 @@ def load_checkpoint(name: str, precision: str, cache_dir: Path) -> BaseModel:
                                  "the trainer needs a full single-file SDXL checkpoint")
         return ComfyEncoders(vae, clip)
 
+    def open_validation():
+        # The checkpoint's own CLIP and VAE for --validate-every; kept offloaded on the CPU between validations.
+        _, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
+            str(path), output_model=False, output_vae=True, output_clip=True,
+            embedding_directory=folder_paths.get_folder_paths("embeddings"))
+        if clip is None or vae is None:
+            raise BaseModelError(f"{path.name} holds no {'text encoders' if clip is None else 'VAE'}; "
+                                 "--validate-every needs both to encode prompts and decode samples")
+        return clip, vae
+
     identities = (f"vae:{digest}:float32", f"text:{digest}")
     provenance = {"base_model": path.name, "base_model_sha256": digest,
                   "prediction": prediction_type(patcher)}
-    return BaseModel(patcher, layer_channels, open_encoders, identities, provenance)
+    return BaseModel(patcher, layer_channels, open_encoders, identities, provenance, open_validation)
 
 
 def unet_dtype(precision: str) -> torch.dtype | None:

@@ -69,6 +69,9 @@ class TrainConfig:
     log_every: int = 1
     progress: bool = True
     tensorboard: bool = True             # when the tensorboard package is installed
+    validate_every: int = 0              # render validation samples every N steps (0: off)
+    validate_prompts: tuple[str, ...] = ()  # default: the dataset's first 2 captions
+    validate_sampler_steps: int = 8
     # The built-in demo.
     demo: bool = False
     demo_images: int = 24
@@ -85,6 +88,12 @@ class TrainConfig:
         for name in positive:
             if int(getattr(self, name)) <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.validate_every < 0:
+            raise ConfigError(f"validate_every must be 0 (off) or a positive number of steps, got {self.validate_every}")
+        if self.validate_sampler_steps <= 0:
+            raise ConfigError(f"validate_sampler_steps must be a positive integer, got {self.validate_sampler_steps!r}")
+        if any(not p.strip() for p in self.validate_prompts):
+            raise ConfigError(f"validate_prompts must not hold empty prompts, got {list(self.validate_prompts)!r}")
         if self.resolution % 8:
             raise ConfigError(f"resolution must be a multiple of 8 (the VAE's factor), got {self.resolution}")
         if self.warmup_steps < 0 or self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
@@ -108,6 +117,7 @@ class TrainConfig:
     def to_dict(self) -> dict:
         values = dataclasses.asdict(self)
         values["betas"] = list(self.betas)
+        values["validate_prompts"] = list(self.validate_prompts)
         return values
 
 
@@ -172,6 +182,11 @@ HELP = {
     "bad_captions": "skip (and count) or fail on missing or empty captions",
     "log_every": "write metrics every N steps", "progress": "show the progress bar",
     "tensorboard": "also log to TensorBoard when it is installed",
+    "validate_every": "every N steps, render fixed-seed samples without and with the current gates, side by side, "
+                      "and the Visualize Mask grid, as PNGs in <output>/validation/ (0: off). Keeps a CLIP and a VAE "
+                      "offloaded on the CPU during training (only when on; --demo uses tiny random ones)",
+    "validate_prompts": "prompts for --validate-every (default: the dataset's first 2 captions)",
+    "validate_sampler_steps": "sampler steps of each validation sample (euler, cfg 5, at --resolution)",
     "demo": "train the tiny built-in model on a generated dataset (about a minute on a CPU)",
     "demo_images": "images in the --demo dataset",
 }
@@ -191,6 +206,8 @@ def _parser() -> argparse.ArgumentParser:
         elif f.name == "betas":
             parser.add_argument(flag, type=float, nargs=2, metavar=("BETA1", "BETA2"),
                                 help=f"{HELP[f.name]} (default {default})")
+        elif f.name == "validate_prompts":
+            parser.add_argument(flag, nargs="+", metavar="PROMPT", help=HELP[f.name])
         else:
             kind = {int: int, float: float}.get(type(default), str)
             parser.add_argument(flag, type=kind, help=f"{HELP[f.name]} (default {default})")
@@ -219,6 +236,8 @@ def build_config(values: dict) -> TrainConfig:
         try:
             if name == "betas":
                 value = tuple(float(b) for b in value)
+            elif name == "validate_prompts":
+                value = (str(value),) if isinstance(value, str) else tuple(str(p) for p in value)
             elif isinstance(default, bool):
                 if not isinstance(value, bool):
                     raise TypeError("expected true or false")

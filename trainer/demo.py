@@ -64,13 +64,22 @@ def tiny_unet(seed: int = 0, dtype: torch.dtype = torch.float32):
     return build_sdxl_model(TINY_UNET_CONFIG, seed=seed, dtype=dtype)
 
 
+def validation_encoders(seed: int = 0):
+    """(CLIP, VAE) for --validate-every in the demo: the stand-ins above cannot tokenize or decode, so
+    validation uses ComfyUI's tiny SDXL CLIP (real tokenizers) and tiny VAE, seeded and random."""
+    from maskattn_comfy.tiny_model import build_sdxl_clip, build_tiny_vae
+
+    return build_sdxl_clip(seed), build_tiny_vae(seed)
+
+
 def demo_base_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> BaseModel:
     from .base_model import check_sdxl, prediction_type
 
     patcher = tiny_unet(seed, dtype).clone()
     return BaseModel(patcher, check_sdxl(patcher, DEMO_MODEL_NAME), DemoEncoders, DemoEncoders.identities,
                      {"base_model": DEMO_MODEL_NAME, "base_model_sha256": "none (random weights, seed "
-                      f"{seed})", "prediction": prediction_type(patcher)})
+                      f"{seed})", "prediction": prediction_type(patcher)},
+                     functools.partial(validation_encoders, seed))
 
 
 def write_demo_dataset(folder: Path, count: int, seed: int = 0) -> Path:

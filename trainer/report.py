@@ -54,6 +54,28 @@ class Report:
                 for key in ("loss", "lr", "grad_norm", "step_seconds"):
                     self.writer.add_scalar(f"train/{key}", record[key], step)
 
+    def validation(self, step: int, written: list[dict]) -> None:
+        """--validate-every: the PNGs of one validation, as a metrics record (and TensorBoard images)."""
+        self.metrics.write(json.dumps({"step": step, "validation": written}) + "\n")
+        self.metrics.flush()
+        self.note(f"validation at step {step}: {Path(written[0]['samples']).parent}" if written else
+                  f"validation at step {step}: no prompts")
+        if self.writer is not None:
+            import numpy
+            from PIL import Image
+
+            for index, entry in enumerate(written):
+                for key in ("samples", "mask_grid"):
+                    with Image.open(entry[key]) as picture:
+                        self.writer.add_image(f"validation/{index:02d}_{key}", numpy.asarray(picture.convert("RGB")),
+                                              step, dataformats="HWC")
+
+    def validation_failed(self, step: int, error: Exception) -> None:
+        why = f"{type(error).__name__}: {error}"
+        self.metrics.write(json.dumps({"step": step, "validation_error": why}) + "\n")
+        self.metrics.flush()
+        self.note(f"validation failed at step {step} ({why}); training goes on without validation")
+
     def note(self, message: str) -> None:
         if self.bar is not None:
             self.bar.write(message, file=sys.stderr)
@@ -70,6 +92,9 @@ class Report:
 
 class SilentReport:
     def step(self, *args, **kwargs) -> None:
+        pass
+
+    def validation(self, *args, **kwargs) -> None:
         pass
 
     def note(self, message: str) -> None:

@@ -77,7 +77,7 @@ def prepare_data(config: TrainConfig, base, world: World, output: Path):
                + (f"; skipped {skipped.total()}: {skipped.describe()}" if skipped.total() else "")
                + f"; encoded {counts['latents_encoded']} images and {counts['texts_encoded']} captions, "
                  f"{counts['latents_cached']} and {counts['texts_cached']} from the cache")
-    return cache, prepared, counts
+    return cache, prepared, counts, [example.caption for example in examples]
 
 
 def train(config: TrainConfig, world: World) -> int:
@@ -102,7 +102,7 @@ def train(config: TrainConfig, world: World) -> int:
         base = demo_base_model(seed=config.seed, dtype=PRECISIONS.get(config.precision, torch.float32))
     else:
         base = load_base(config.checkpoint, config.precision, config.cache_path)
-    cache, prepared, counts = prepare_data(config, base, world, output)
+    cache, prepared, counts, captions = prepare_data(config, base, world, output)
 
     provenance = dict(base.provenance, kind="trained", dataset_size=len(prepared.items),
                       dataset_sha256=prepared.dataset_hash(), config=config.to_dict(),
@@ -137,6 +137,14 @@ def train(config: TrainConfig, world: World) -> int:
     say(world, f"training {gate_set.parameter_count():,} gate parameters on {len(gate_set.layers)} layers "
                f"({base.provenance['prediction']}-prediction, {world.size} process(es), device {device}) "
                f"to step {stop_at} of {config.steps}")
+    validator = None
+    if config.validate_every and world.is_main:  # before the report: a CLIP or VAE that cannot load fails here
+        from trainer.validation import Validator, default_prompts
+
+        prompts = config.validate_prompts or default_prompts(captions)
+        validator = Validator(base, gate_set, patched, prompts, config, output, device)
+        say(world, f"validation every {config.validate_every} steps: {len(prompts)} prompt(s) {list(prompts)}, "
+                   f"into {validator.folder}")
     if world.is_main:
         report = Report(output, trainer.step, stop_at, config.progress, config.tensorboard)
         (output / "run.json").write_text(json.dumps({"encode": counts, "skipped": prepared.skipped.counts,
@@ -162,6 +170,12 @@ def train(config: TrainConfig, world: World) -> int:
             interrupted = world.any(bool(received))
             if interrupted or trainer.step % config.save_every == 0 or trainer.step == stop_at:
                 checkpoint()
+            if validator is not None and not interrupted and trainer.step % config.validate_every == 0:
+                try:
+                    report.validation(trainer.step, validator.run(trainer.step))
+                except Exception as error:  # a picture is not worth the run: say so, train on without it
+                    validator = None
+                    report.validation_failed(trainer.step, error)
             if interrupted:
                 code = INTERRUPTED.get(received[0], 130) if received else 143
                 report.note(f"interrupted at step {trainer.step}: the checkpoint above holds everything; "
