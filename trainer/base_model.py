@@ -118,24 +118,21 @@ def load_checkpoint(name: str, precision: str, cache_dir: Path) -> BaseModel:
     layer_channels = check_sdxl(patcher, path.name)
     digest = file_sha256(path, cache_dir)
 
-    def open_encoders():
+    def load_clip_and_vae(needed_for: str):
         _, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
             str(path), output_model=False, output_vae=True, output_clip=True,
             embedding_directory=folder_paths.get_folder_paths("embeddings"))
         if clip is None or vae is None:
-            raise BaseModelError(f"{path.name} holds no {'text encoders' if clip is None else 'VAE'}; "
-                                 "the trainer needs a full single-file SDXL checkpoint")
+            raise BaseModelError(f"{path.name} holds no {'text encoders' if clip is None else 'VAE'}; {needed_for}")
+        return clip, vae
+
+    def open_encoders():
+        clip, vae = load_clip_and_vae("the trainer needs a full single-file SDXL checkpoint")
         return ComfyEncoders(vae, clip)
 
     def open_validation():
         # The checkpoint's own CLIP and VAE for --validate-every; kept offloaded on the CPU between validations.
-        _, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
-            str(path), output_model=False, output_vae=True, output_clip=True,
-            embedding_directory=folder_paths.get_folder_paths("embeddings"))
-        if clip is None or vae is None:
-            raise BaseModelError(f"{path.name} holds no {'text encoders' if clip is None else 'VAE'}; "
-                                 "--validate-every needs both to encode prompts and decode samples")
-        return clip, vae
+        return load_clip_and_vae("--validate-every needs both to encode prompts and decode samples")
 
     identities = (f"vae:{digest}:float32", f"text:{digest}")
     provenance = {"base_model": path.name, "base_model_sha256": digest,

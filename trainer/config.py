@@ -32,13 +32,13 @@ class TrainConfig:
     name: str = "maskattn_gates"
     comfyui: str | None = None
     install: bool = False                # also write the final gates into ComfyUI's models/maskattn
-    # The gates (the paper's defaults).
-    stage: str = "mid"
-    placement: str = "encoder_decoder"
-    threshold: float = 0.5
-    negative_value: float = -10000.0
-    gate_hidden_dim: int = 128
-    share_heads_by_stage: bool = True
+    # The gates: MaskAttnConfig's fields, with its defaults (the paper's).
+    stage: str = MaskAttnConfig.stage
+    placement: str = MaskAttnConfig.placement
+    threshold: float = MaskAttnConfig.threshold
+    negative_value: float = MaskAttnConfig.negative_value
+    gate_hidden_dim: int = MaskAttnConfig.gate_hidden_dim
+    share_heads_by_stage: bool = MaskAttnConfig.share_heads_by_stage
     # Optimisation (the paper's defaults).
     steps: int = 10000
     stop_at: int = 0                     # stop with a checkpoint after this step (0: at --steps); the schedule stays --steps long
