@@ -6,21 +6,24 @@
 
 Each configuration runs in a fresh worker process (so one model's memory never colours
 another's). The worker loads the model once, runs each variant once for one step (warm-up),
-then repeats rounds of [unpatched, the variants...] through `comfy.sample.sample` (euler,
-normal schedule, cfg 5, seed 0, the same random prompt) and ends with one more unpatched run.
-Each patched run's time is divided by the mean of the two unpatched runs that bracket its
-round; the table gives the median of those ratios with their min-max spread, for wall time and
-for the process's CPU time (user + system, all threads), and the ratio of the fastest runs.
+then samples through `comfy.sample.sample` (euler, normal schedule, cfg 5, seed 0, the same
+random prompt) in rounds where every patched run sits between two unpatched runs and the
+variants' order rotates (U A U B U, then U B U A U, ...). Each patched run's time is divided
+by the mean of its two unpatched neighbours, which cancels a slow drift of the machine's speed;
+the table gives the median of those ratios with their min-max spread, for wall time and for the
+process's CPU time (user + system, all threads), and the ratio of the fastest runs.
 On a shared machine CPU time with --threads 1 is the steadier figure: it does not count time
 spent waiting for a core, and one thread has no spinning OpenMP workers to inflate it.
 
-Memory. CUDA: `torch.cuda.max_memory_allocated` over each run. CPU: torch has no allocator
-statistics, so the worker reads the process's resident high-water mark (VmHWM, reset before
-each run through /proc/self/clear_refs) with glibc told to serve every allocation of 256 KiB
-or more by mmap (MALLOC_MMAP_THRESHOLD_), so that freed tensors leave the resident set and
-the high-water mark follows live tensors, not the allocator's free lists. The table gives the
-patched run's peak minus the bracketing unpatched peaks, in MiB and as a share of the
-unpatched peak (whole process, weights included) and of the unpatched run's working memory
+Memory, in one more round after the timed ones (U A U B U ...). CUDA:
+`torch.cuda.max_memory_allocated` over each run. CPU: torch has no allocator statistics, so the
+worker reads the process's resident high-water mark (VmHWM, reset before each run through
+/proc/self/clear_refs) after telling glibc (mallopt) to serve every block of 256 KiB or more
+by mmap, so that freed tensors leave the resident set and the high-water mark follows live
+tensors, not the allocator's free lists. That setting makes every large allocation cost page
+faults (a 30% slower SDXL block here), so no timed run is made under it. The table gives the
+patched run's peak minus the mean of its unpatched neighbours' peaks, in MiB and as a share of
+the unpatched peak (whole process, weights included) and of the unpatched run's working memory
 (peak minus the resident size before the run).
 
 Not part of the test suite; numbers and conditions go in BENCHMARKS.md.
@@ -29,6 +32,8 @@ Not part of the test suite; numbers and conditions go in BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import json
 import os
 import platform
@@ -53,17 +58,32 @@ VARIANTS = {
 # Python weighs most, measures them; --variants adds them to the slow configurations).
 CONFIGS = {
     "tiny": dict(model="tiny", size=512, steps=4, rounds=9, device="cpu", variants=list(VARIANTS)),
-    "sdxl-512": dict(model="checkpoint", size=512, steps=2, rounds=3, device="cpu",
+    "sdxl-512": dict(model="checkpoint", size=512, steps=1, rounds=8, device="cpu",
                      variants=["unpatched", "default gates"]),
     "sdxl-1024-cuda": dict(model="checkpoint", size=1024, steps=20, rounds=5, device="cuda", variants=list(VARIANTS)),
 }
 CFG = 5.0  # > 1, so each model call carries both conds, as in ordinary use
 MMAP_THRESHOLD = 256 * 1024
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 
 
 # -- memory probes ---------------------------------------------------------------------------
 class ResidentPeak:
-    """Peak resident memory of this process during a run (Linux)."""
+    """Peak resident memory of this process during a run (Linux, glibc).
+
+    Made after the timed runs: from here on glibc serves every block of MMAP_THRESHOLD bytes or
+    more by mmap and unmaps it when freed, so the high-water mark follows live tensors rather
+    than the allocator's free lists. (That makes each large allocation cost page faults, which is
+    why no timed run happens under it.)
+    """
+
+    def __init__(self):
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        if not hasattr(libc, "mallopt"):
+            raise RuntimeError("peak memory on the CPU needs glibc (mallopt)")
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        libc.mallopt(M_TRIM_THRESHOLD, MMAP_THRESHOLD)
+        libc.malloc_trim(0)
 
     def start(self):
         with open("/proc/self/clear_refs", "w") as handle:
@@ -98,7 +118,7 @@ class CudaPeak:
 
 # -- the worker: one configuration in this process -------------------------------------------
 def run_worker(name: str, config: dict, checkpoint: str | None, steps: int, rounds: int, variants: list[str],
-               threads: int | None) -> dict:
+               threads: int | None, memory_rounds: int = 2) -> dict:
     sys.path.insert(0, str(REPO))
     from maskattn_comfy import host
 
@@ -134,73 +154,92 @@ def run_worker(name: str, config: dict, checkpoint: str | None, steps: int, roun
     latent = torch.zeros(1, 4, size // 8, size // 8)
     noise = comfy.sample.prepare_noise(latent, 0)
     device = mm.get_torch_device()
-    probe = CudaPeak(torch, device) if device.type == "cuda" else ResidentPeak()
 
     def run(variant: str, run_steps: int):
-        probe.start()
         t0, c0 = time.perf_counter(), time.process_time()
         out = comfy.sample.sample(models[variant], noise, run_steps, CFG, "euler", "normal", positive, negative,
                                   latent, disable_pbar=True, seed=0)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
-        peak, working = probe.stop()
-        return seconds, cpu_seconds, peak, working, out
+        return time.perf_counter() - t0, time.process_time() - c0, out
 
     for variant in variants:  # warm-up: first-call allocations, lazy imports, model loading
         run(variant, 1)
-    records = {variant: [] for variant in variants}
-    outputs = {}
-    for r in range(rounds + 1):
-        for variant in variants if r < rounds else ["unpatched"]:
-            seconds, cpu_seconds, peak, working, out = run(variant, steps)
-            records[variant].append((seconds, cpu_seconds, peak, working))
-            outputs.setdefault(variant, out)
-            print(f"  {name} round {r} {variant}: {seconds:.3f} s wall, {cpu_seconds:.3f} s CPU, peak "
-                  f"{peak / 2**20:.1f} MiB (+{working / 2**20:.1f} MiB) [load {os.getloadavg()[0]:.1f}]",
-                  file=sys.stderr, flush=True)
+    runs, outputs = [], {}
+    for position, variant in enumerate(schedule(variants[1:], rounds)):
+        seconds, cpu_seconds, out = run(variant, steps)
+        runs.append({"variant": variant, "wall_s": seconds, "cpu_s": cpu_seconds})
+        outputs.setdefault(variant, out)
+        print(f"  {name} run {position} {variant}: {seconds:.3f} s wall, {cpu_seconds:.3f} s CPU "
+              f"[load {os.getloadavg()[0]:.1f}]", file=sys.stderr, flush=True)
 
-    unpatched = records["unpatched"]
+    # Peak memory: more rounds (U A U B U ...), after the timed ones.
+    probe = CudaPeak(torch, device) if device.type == "cuda" else ResidentPeak()
+    memory = []
+    for variant in schedule(variants[1:], memory_rounds):
+        probe.start()
+        run(variant, steps)
+        peak, working = probe.stop()
+        memory.append({"variant": variant, "peak": peak, "working": working})
+        print(f"  {name} memory {variant}: peak {peak / 2**20:.1f} MiB (+{working / 2**20:.1f} MiB)",
+              file=sys.stderr, flush=True)
+
+    unpatched = [run for run in runs if run["variant"] == "unpatched"]
+    unpatched_memory = [run for run in memory if run["variant"] == "unpatched"]
     result = {"config": name, "device": str(device), "dtype": str(model.model.get_dtype()),
               "size": size, "steps": steps, "rounds": rounds, "cfg": CFG, "load_s": load_s,
               "gated_layers": len(gate_set.layers), "gate_parameters": gate_set.parameter_count(),
-              "unpatched_s": statistics.median(r[0] for r in unpatched),
-              "unpatched_cpu_s": statistics.median(r[1] for r in unpatched),
-              "unpatched_peak_mib": statistics.median(r[2] for r in unpatched) / 2**20,
-              "unpatched_working_mib": statistics.median(r[3] for r in unpatched) / 2**20,
-              "threads": torch.get_num_threads(), "records": records, "variants": {}}
+              "unpatched_s": statistics.median(r["wall_s"] for r in unpatched),
+              "unpatched_cpu_s": statistics.median(r["cpu_s"] for r in unpatched),
+              "unpatched_peak_mib": statistics.median(r["peak"] for r in unpatched_memory) / 2**20,
+              "unpatched_working_mib": statistics.median(r["working"] for r in unpatched_memory) / 2**20,
+              "threads": torch.get_num_threads(), "runs": runs, "memory_runs": memory, "variants": {}}
     for variant in variants[1:]:
-        ratios, cpu_ratios, extra, share, working_share = [], [], [], [], []
-        for r, (seconds, cpu_seconds, peak, working) in enumerate(records[variant]):
-            base = [(a + b) / 2 for a, b in zip(unpatched[r], unpatched[r + 1])]
-            ratios.append(seconds / base[0])
-            cpu_ratios.append(cpu_seconds / base[1])
-            extra.append((peak - base[2]) / 2**20)
-            share.append((peak - base[2]) / base[2])
-            working_share.append((peak - base[2]) / base[3])
+        pairs = bracketed(runs, variant, ("wall_s", "cpu_s"))
+        ratios = [r["wall_s"] / base["wall_s"] for r, base in pairs]
+        cpu_ratios = [r["cpu_s"] / base["cpu_s"] for r, base in pairs]
+        extra = [(r["peak"] - base["peak"], base) for r, base in bracketed(memory, variant, ("peak", "working"))]
+        extra_bytes, base = sorted(extra, key=lambda e: e[0])[len(extra) // 2]  # the median run
         result["variants"][variant] = {
             "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
-            "fastest_ratio": min(r[0] for r in records[variant]) / min(r[0] for r in unpatched),
+            "fastest_ratio": min(r["wall_s"] for r, _ in pairs) / min(r["wall_s"] for r in unpatched),
             "cpu_ratio_median": statistics.median(cpu_ratios), "cpu_ratio_min": min(cpu_ratios),
             "cpu_ratio_max": max(cpu_ratios), "ratios": ratios, "cpu_ratios": cpu_ratios,
-            "peak_extra_mib": statistics.median(extra), "peak_extra_share": statistics.median(share),
-            "peak_extra_working_share": statistics.median(working_share),
+            "peak_extra_mib": extra_bytes / 2**20, "peak_extra_share": extra_bytes / base["peak"],
+            "peak_extra_working_share": extra_bytes / base["working"],
             "same_output_as_unpatched": bool(torch.equal(outputs[variant], outputs["unpatched"])),
         }
     return result
+
+
+def schedule(patched: list[str], rounds: int) -> list[str]:
+    """The run order: every patched run between two unpatched ones, the variants' order rotated
+    each round (U A U B U C U, then U B U C U A U, ...), so a slow drift of the machine's speed
+    cancels in each patched run's comparison with the mean of its two neighbours."""
+    order = ["unpatched"]
+    for r in range(rounds):
+        shift = r % len(patched)
+        for variant in patched[shift:] + patched[:shift]:
+            order += [variant, "unpatched"]
+    return order
+
+
+def bracketed(runs: list[dict], variant: str, fields: tuple[str, ...]) -> list[tuple[dict, dict]]:
+    """Each run of `variant` with the mean of its two unpatched neighbours (see `schedule`)."""
+    return [(run, {f: (runs[i - 1][f] + runs[i + 1][f]) / 2 for f in fields})
+            for i, run in enumerate(runs) if run["variant"] == variant]
 
 
 # -- the driver ------------------------------------------------------------------------------
 def spawn(name: str, args) -> dict | None:
     config = CONFIGS[name]
     command = [sys.executable, __file__, "--worker", name, "--steps", str(args.steps or config["steps"]),
-               "--rounds", str(args.rounds or config["rounds"]), "--variants", *(args.variants or config["variants"])]
+               "--rounds", str(args.rounds or config["rounds"]), "--memory-rounds", str(args.memory_rounds), "--variants", *(args.variants or config["variants"])]
     if args.checkpoint:
         command += ["--checkpoint", str(args.checkpoint)]
     if args.threads:
         command += ["--threads", str(args.threads)]
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD))
-    done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True)
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
     if done.returncode != 0:
         print(f"{name}: worker failed with exit status {done.returncode}", file=sys.stderr)
         return None
@@ -260,6 +299,7 @@ def main(argv=None):
     parser.add_argument("--checkpoint", type=Path, help="an SDXL .safetensors (e.g. from make_random_sdxl.py)")
     parser.add_argument("--steps", type=int, help="override the configuration's steps")
     parser.add_argument("--rounds", type=int, help="override the configuration's rounds")
+    parser.add_argument("--memory-rounds", type=int, default=2, help="rounds measuring peak memory (default 2)")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
                         help="override the configuration's variants (unpatched is always run)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -271,7 +311,8 @@ def main(argv=None):
         config = CONFIGS[args.worker]
         variants = ["unpatched"] + [v for v in args.variants or config["variants"] if v != "unpatched"]
         result = run_worker(args.worker, config, str(args.checkpoint) if args.checkpoint else None,
-                            args.steps or config["steps"], args.rounds or config["rounds"], variants, args.threads)
+                            args.steps or config["steps"], args.rounds or config["rounds"], variants, args.threads,
+                            args.memory_rounds)
         print(json.dumps(result))
         return
 
