@@ -35,6 +35,7 @@ import argparse
 import ctypes
 import ctypes.util
 import json
+import math
 import os
 import platform
 import re
@@ -116,6 +117,52 @@ class CudaPeak:
         return peak, peak - self.before
 
 
+
+class InRunClock:
+    """Seconds each run spends in MaskAttn's gate hook and in ComfyUI's cross-attention calls.
+
+    A shared CPU's speed drifts by several percent between runs a minute apart, far more than
+    the gates cost; this clock divides a run from the inside, so it is immune to that drift:
+    MaskAttn's own time is the gate hook plus what its mask adds to cross-attention (the
+    patched run's cross-attention time minus its unpatched neighbours'). Everything else a
+    patched model call runs is the same code as the unpatched one. CPU only: on CUDA the
+    per-call synchronisation it would need would itself cost time.
+    """
+
+    def __init__(self):
+        import comfy.ldm.modules.attention as attention
+        from maskattn_comfy.patch import MaskAttnPatch
+
+        self.gate_s = self.cross_s = 0.0
+        gate = MaskAttnPatch.__call__
+
+        def timed_gate(patch, *args):
+            started = time.perf_counter()
+            try:
+                return gate(patch, *args)
+            finally:
+                self.gate_s += time.perf_counter() - started
+
+        MaskAttnPatch.__call__ = timed_gate
+        for name in ("optimized_attention", "optimized_attention_masked"):  # both are looked up at call time
+            setattr(attention, name, self._timed_attention(getattr(attention, name)))
+
+    def _timed_attention(self, attend):
+        def timed(q, k, v, *args, **kwargs):
+            if q.shape[-2] == k.shape[-2]:  # self-attention: the same in both variants
+                return attend(q, k, v, *args, **kwargs)
+            started = time.perf_counter()
+            try:
+                return attend(q, k, v, *args, **kwargs)
+            finally:
+                self.cross_s += time.perf_counter() - started
+        return timed
+
+    def read(self) -> tuple[float, float]:
+        """(gate hook seconds, cross-attention seconds) since the last read."""
+        reading, self.gate_s, self.cross_s = (self.gate_s, self.cross_s), 0.0, 0.0
+        return reading
+
 # -- the worker: one configuration in this process -------------------------------------------
 def run_worker(name: str, config: dict, checkpoint: str | None, steps: int, rounds: int, variants: list[str],
                threads: int | None, memory_rounds: int = 2) -> dict:
@@ -154,6 +201,7 @@ def run_worker(name: str, config: dict, checkpoint: str | None, steps: int, roun
     latent = torch.zeros(1, 4, size // 8, size // 8)
     noise = comfy.sample.prepare_noise(latent, 0)
     device = mm.get_torch_device()
+    clock = InRunClock() if device.type == "cpu" else None
 
     def run(variant: str, run_steps: int):
         t0, c0 = time.perf_counter(), time.process_time()
@@ -167,11 +215,15 @@ def run_worker(name: str, config: dict, checkpoint: str | None, steps: int, roun
         run(variant, 1)
     runs, outputs = [], {}
     for position, variant in enumerate(schedule(variants[1:], rounds)):
+        if clock:
+            clock.read()
         seconds, cpu_seconds, out = run(variant, steps)
-        runs.append({"variant": variant, "wall_s": seconds, "cpu_s": cpu_seconds})
+        gate_s, cross_s = clock.read() if clock else (math.nan, math.nan)
+        runs.append({"variant": variant, "wall_s": seconds, "cpu_s": cpu_seconds, "gate_s": gate_s, "cross_s": cross_s})
         outputs.setdefault(variant, out)
-        print(f"  {name} run {position} {variant}: {seconds:.3f} s wall, {cpu_seconds:.3f} s CPU "
-              f"[load {os.getloadavg()[0]:.1f}]", file=sys.stderr, flush=True)
+        print(f"  {name} run {position} {variant}: {seconds:.3f} s wall, {cpu_seconds:.3f} s CPU, gate hook "
+              f"{gate_s:.3f} s, cross-attention {cross_s:.3f} s [load {os.getloadavg()[0]:.1f}]",
+              file=sys.stderr, flush=True)
 
     # Peak memory: more rounds (U A U B U ...), after the timed ones.
     probe = CudaPeak(torch, device) if device.type == "cuda" else ResidentPeak()
@@ -195,8 +247,9 @@ def run_worker(name: str, config: dict, checkpoint: str | None, steps: int, roun
               "unpatched_working_mib": statistics.median(r["working"] for r in unpatched_memory) / 2**20,
               "threads": torch.get_num_threads(), "runs": runs, "memory_runs": memory, "variants": {}}
     for variant in variants[1:]:
-        pairs = bracketed(runs, variant, ("wall_s", "cpu_s"))
+        pairs = bracketed(runs, variant, ("wall_s", "cpu_s", "cross_s"))
         ratios = [r["wall_s"] / base["wall_s"] for r, base in pairs]
+        own = [1 + (r["gate_s"] + r["cross_s"] - base["cross_s"]) / base["wall_s"] for r, base in pairs]
         cpu_ratios = [r["cpu_s"] / base["cpu_s"] for r, base in pairs]
         extra = [(r["peak"] - base["peak"], base) for r, base in bracketed(memory, variant, ("peak", "working"))]
         extra_bytes, base = sorted(extra, key=lambda e: e[0])[len(extra) // 2]  # the median run
@@ -205,6 +258,7 @@ def run_worker(name: str, config: dict, checkpoint: str | None, steps: int, roun
             "fastest_ratio": min(r["wall_s"] for r, _ in pairs) / min(r["wall_s"] for r in unpatched),
             "cpu_ratio_median": statistics.median(cpu_ratios), "cpu_ratio_min": min(cpu_ratios),
             "cpu_ratio_max": max(cpu_ratios), "ratios": ratios, "cpu_ratios": cpu_ratios,
+            "own_ratio_median": statistics.median(own), "own_ratio_min": min(own), "own_ratio_max": max(own),
             "peak_extra_mib": extra_bytes / 2**20, "peak_extra_share": extra_bytes / base["peak"],
             "peak_extra_working_share": extra_bytes / base["working"],
             "same_output_as_unpatched": bool(torch.equal(outputs[variant], outputs["unpatched"])),
@@ -278,18 +332,23 @@ def machine() -> str:
 
 def table(results: list[dict]) -> str:
     lines = ["| configuration | variant | wall time patched/unpatched, median (min-max) | CPU time ratio, median "
-             "(min-max) | fastest runs, wall | unpatched s/run (wall, CPU) | peak memory difference | output = unpatched |",
-             "|---|---|---|---|---|---|---|---|"]
+             "(min-max) | fastest runs, wall | 1 + MaskAttn's own time in the run, median (min-max) "
+             "| unpatched s/run (wall, CPU) | peak memory difference | output = unpatched |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for res in results:
         where = f"{res['config']} ({res['device']}, {res['dtype'].replace('torch.', '')}, {res['size']}px, " \
                 f"{res['steps']} steps, cfg {res['cfg']:g}, {res['rounds']} rounds, {res['threads']} threads)"
         for variant, v in res["variants"].items():
+            own = "n/a" if math.isnan(v["own_ratio_median"]) else \
+                f"{v['own_ratio_median']:.4f} ({v['own_ratio_min']:.4f}-{v['own_ratio_max']:.4f})"
             lines.append(f"| {where} | {variant} | {v['ratio_median']:.4f} ({v['ratio_min']:.4f}-{v['ratio_max']:.4f}) "
                          f"| {v['cpu_ratio_median']:.4f} ({v['cpu_ratio_min']:.4f}-{v['cpu_ratio_max']:.4f}) "
-                         f"| {v['fastest_ratio']:.4f} "
-                         f"| {res['unpatched_s']:.2f}, {res['unpatched_cpu_s']:.2f} | {v['peak_extra_mib']:+.1f} MiB ({100 * v['peak_extra_share']:+.2f}% "
+                         f"| {v['fastest_ratio']:.4f} | {own} "
+                         f"| {res['unpatched_s']:.2f}, {res['unpatched_cpu_s']:.2f} "
+                         f"| {v['peak_extra_mib']:+.1f} MiB ({100 * v['peak_extra_share']:+.2f}% "
                          f"of {res['unpatched_peak_mib']:.0f} MiB; {100 * v['peak_extra_working_share']:+.1f}% of the "
-                         f"{res['unpatched_working_mib']:.0f} MiB working set) | {'yes' if v['same_output_as_unpatched'] else 'no'} |")
+                         f"{res['unpatched_working_mib']:.0f} MiB working set) "
+                         f"| {'yes' if v['same_output_as_unpatched'] else 'no'} |")
     return "\n".join(lines)
 
 
