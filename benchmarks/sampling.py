@@ -219,7 +219,8 @@ def run_worker(name: str, config: dict, checkpoint: str | None, steps: int, roun
             clock.read()
         seconds, cpu_seconds, out = run(variant, steps)
         gate_s, cross_s = clock.read() if clock else (math.nan, math.nan)
-        runs.append({"variant": variant, "wall_s": seconds, "cpu_s": cpu_seconds, "gate_s": gate_s, "cross_s": cross_s})
+        runs.append({"variant": variant, "wall_s": seconds, "cpu_s": cpu_seconds, "gate_s": gate_s, "cross_s": cross_s,
+                     "cross_share": cross_s / seconds})
         outputs.setdefault(variant, out)
         print(f"  {name} run {position} {variant}: {seconds:.3f} s wall, {cpu_seconds:.3f} s CPU, gate hook "
               f"{gate_s:.3f} s, cross-attention {cross_s:.3f} s [load {os.getloadavg()[0]:.1f}]",
@@ -247,9 +248,11 @@ def run_worker(name: str, config: dict, checkpoint: str | None, steps: int, roun
               "unpatched_working_mib": statistics.median(r["working"] for r in unpatched_memory) / 2**20,
               "threads": torch.get_num_threads(), "runs": runs, "memory_runs": memory, "variants": {}}
     for variant in variants[1:]:
-        pairs = bracketed(runs, variant, ("wall_s", "cpu_s", "cross_s"))
+        pairs = bracketed(runs, variant, ("wall_s", "cpu_s", "cross_share"))
         ratios = [r["wall_s"] / base["wall_s"] for r, base in pairs]
-        own = [1 + (r["gate_s"] + r["cross_s"] - base["cross_s"]) / base["wall_s"] for r, base in pairs]
+        # MaskAttn's share of a patched run: its gate hook, plus the share cross-attention takes beyond the
+        # share it takes in the unpatched neighbours. Shares, not seconds, so the machine's speed cancels.
+        own = [1 / (1 - (r["gate_s"] / r["wall_s"] + r["cross_share"] - base["cross_share"])) for r, base in pairs]
         cpu_ratios = [r["cpu_s"] / base["cpu_s"] for r, base in pairs]
         extra = [(r["peak"] - base["peak"], base) for r, base in bracketed(memory, variant, ("peak", "working"))]
         extra_bytes, base = sorted(extra, key=lambda e: e[0])[len(extra) // 2]  # the median run
