@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 
 import comfy.ldm.modules.attention as comfy_attention
-from maskattn_core import GateSet, LayerKey, additive_mask, closed_logit, hard_gate, layer_name, straight_through
+from maskattn_core import (GateSet, LayerKey, additive_mask, closed_logit, closed_mask, layer_name, open_connections,
+                          straight_through)
 
 from .model_check import SDXL_CONTEXT_DIM, require_sdxl
 
@@ -48,9 +49,9 @@ class PatchOptions:
 class MaskAttnPatch:
     """The state both hooks share: gates, options, and small per-call caches.
 
-    `recorder`, when set, is told every gate (`recorder.gate(key, probabilities, hard,
-    extra_options)`) and every masked attention (`recorder.attention(key, q, k, mask, heads,
-    extra_options)`); Visualize Mask uses it.
+    `recorder`, when set, is told every gate (`recorder.gate(key, probabilities, opened,
+    extra_options)`, `opened` the boolean hard gate) and every masked attention
+    (`recorder.attention(key, q, k, mask, heads, extra_options)`); Visualize Mask uses it.
     """
 
     def __init__(self, gate_set: GateSet, options: PatchOptions, sigma_range: tuple[float, float] | None,
@@ -83,11 +84,15 @@ class MaskAttnPatch:
         head = self._heads_on(n.device)[head_name]
         tokens = self._token_features(head_name, head, context, extra_options)
         probabilities = torch.sigmoid(head.logits(n, context, tokens))
-        hard = hard_gate(probabilities, self.threshold)
-        extra_options[MASK_KEY] = additive_mask(straight_through(hard, probabilities), self.penalty, n.dtype)
+        opened = open_connections(probabilities, self.threshold)
+        if probabilities.requires_grad:  # training: forward the hard gate, backward through the probabilities
+            gate = straight_through(opened.to(probabilities.dtype), probabilities)
+            extra_options[MASK_KEY] = additive_mask(gate, self.penalty, n.dtype)
+        else:
+            extra_options[MASK_KEY] = closed_mask(opened, self.penalty, n.dtype)
         self._pending = extra_options
         if self.recorder is not None:
-            self.recorder.gate(key, probabilities, hard, extra_options)
+            self.recorder.gate(key, probabilities, opened, extra_options)
         return n, context, value
 
     # -- the attn2 replace -----------------------------------------------------------------

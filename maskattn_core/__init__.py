@@ -3,7 +3,8 @@ and the gate file format. Nothing here imports ComfyUI."""
 
 from .config import MaskAttnConfig, STAGES, PLACEMENTS
 from .gate_head import GateHead
-from .gating import gate_probabilities, hard_gate, straight_through, additive_mask, closed_logit
+from .gating import (gate_probabilities, open_connections, hard_gate, straight_through, additive_mask,
+                     closed_mask, closed_logit)
 from .layers import LayerKey, layer_name, parse_layer_name, stage_of, location_of, select_layers
 from .gate_set import GateSet, GateSetError
 from .gate_file import save_gate_file, load_gate_file, GateFileError, FORMAT_NAME, FORMAT_VERSION
@@ -11,7 +12,8 @@ from .official import load_official_checkpoint, OfficialCheckpointError
 
 __all__ = [
     "MaskAttnConfig", "STAGES", "PLACEMENTS", "GateHead",
-    "gate_probabilities", "hard_gate", "straight_through", "additive_mask", "closed_logit",
+    "gate_probabilities", "open_connections", "hard_gate", "straight_through", "additive_mask", "closed_mask",
+    "closed_logit",
     "LayerKey", "layer_name", "parse_layer_name", "stage_of", "location_of", "select_layers",
     "GateSet", "GateSetError", "save_gate_file", "load_gate_file", "GateFileError",
     "FORMAT_NAME", "FORMAT_VERSION", "load_official_checkpoint", "OfficialCheckpointError",

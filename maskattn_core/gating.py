@@ -18,8 +18,9 @@ def gate_probabilities(logits: Tensor) -> Tensor:
     return torch.sigmoid(logits)
 
 
-def hard_gate(probabilities: Tensor, threshold: float = 0.5) -> Tensor:
-    """1 where probability > threshold (strict), else 0; an all-closed row keeps its argmax.
+def open_connections(probabilities: Tensor, threshold: float = 0.5) -> Tensor:
+    """The hard gate as booleans: True where probability > threshold (strict); a row with no
+    open token keeps its argmax.
 
     Without the fallback a fully closed row would softmax over -10000 everywhere, which is
     uniform attention rather than "attend to nothing".
@@ -28,7 +29,12 @@ def hard_gate(probabilities: Tensor, threshold: float = 0.5) -> Tensor:
     # Branch-free (no host sync on a GPU): opening every row's argmax is the empty-row fallback,
     # and changes nothing in a row with an open token, whose argmax is open already.
     opened.scatter_(-1, probabilities.argmax(dim=-1, keepdim=True), True)
-    return opened.to(probabilities.dtype)
+    return opened
+
+
+def hard_gate(probabilities: Tensor, threshold: float = 0.5) -> Tensor:
+    """1 where probability > threshold (strict), else 0; an all-closed row keeps its argmax."""
+    return open_connections(probabilities, threshold).to(probabilities.dtype)
 
 
 def straight_through(hard: Tensor, probabilities: Tensor) -> Tensor:
@@ -57,3 +63,14 @@ def additive_mask(gate: Tensor, penalty: float = -10000.0, dtype: torch.dtype | 
     if dtype is not None:
         mask = mask.to(dtype)
     return mask.unsqueeze(1)
+
+
+def closed_mask(opened: Tensor, penalty: float = -10000.0, dtype: torch.dtype = torch.float32) -> Tensor:
+    """[B,N,T] boolean hard gate -> [B,1,N,T] additive mask in `dtype`.
+
+    The inference form of `additive_mask(hard_gate(p))`, with the same values, for when no
+    gradient has to reach the probabilities: one `where` (and a cast when `dtype` is not
+    float32) instead of a cast, a subtraction, a product and another cast per gated layer,
+    each a kernel launch on a GPU. The penalty passes through float32 as in `additive_mask`.
+    """
+    return torch.where(opened, 0.0, penalty).to(torch.float32).to(dtype).unsqueeze(1)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from comfy_kit import read_fixture
-from maskattn_core import GateHead, GateSet, MaskAttnConfig, additive_mask, hard_gate, straight_through
+from maskattn_core import (GateHead, GateSet, MaskAttnConfig, additive_mask, closed_logit, closed_mask, hard_gate,
+                          open_connections, straight_through)
 
 CASES = ["mixed", "sparse_fallback", "long_prompt"]
 
@@ -57,6 +58,19 @@ def test_straight_through_passes_probability_gradients_and_hard_values():
     assert torch.equal(gate.detach(), torch.tensor([[[0.0, 1.0, 1.0]]]))
     (gate * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
     assert torch.equal(probabilities.grad, torch.tensor([[[1.0, 2.0, 3.0]]]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+def test_inference_mask_equals_the_straight_through_mask(dtype, strength):
+    probabilities = torch.rand(2, 40, 77, generator=torch.Generator().manual_seed(3))
+    probabilities[0, :5] *= 0.4  # rows with no open token: the fallback
+    penalty = closed_logit(strength)
+    expected = additive_mask(hard_gate(probabilities), penalty, dtype)
+    mask = closed_mask(open_connections(probabilities), penalty, dtype)
+    assert mask.shape == expected.shape == (2, 1, 40, 77) and mask.dtype == dtype
+    assert torch.equal(mask, expected)
+    assert mask.is_contiguous()
 
 
 def test_threshold_is_strict():
