@@ -15,7 +15,7 @@ process's CPU time (user + system, all threads), and the ratio of the fastest ru
 On a shared machine CPU time with --threads 1 is the steadier figure: it does not count time
 spent waiting for a core, and one thread has no spinning OpenMP workers to inflate it.
 
-Memory, in one more round after the timed ones (U A U B U ...). CUDA:
+Memory, in rounds of their own after the timed ones (--memory-rounds, U A U B U ...). CUDA:
 `torch.cuda.max_memory_allocated` over each run. CPU: torch has no allocator statistics, so the
 worker reads the process's resident high-water mark (VmHWM, reset before each run through
 /proc/self/clear_refs) after telling glibc (mallopt) to serve every block of 256 KiB or more
@@ -123,8 +123,9 @@ class InRunClock:
 
     A shared CPU's speed drifts by several percent between runs a minute apart, far more than
     the gates cost; this clock divides a run from the inside, so it is immune to that drift:
-    MaskAttn's own time is the gate hook plus what its mask adds to cross-attention (the
-    patched run's cross-attention time minus its unpatched neighbours'). Everything else a
+    MaskAttn's own time is the gate hook plus what its mask adds to cross-attention (the share
+    of the patched run spent in cross-attention beyond the share its unpatched neighbours
+    spent there; shares, so that the machine's speed cancels). Everything else a
     patched model call runs is the same code as the unpatched one. CPU only: on CUDA the
     per-call synchronisation it would need would itself cost time.
     """
@@ -213,10 +214,10 @@ def run_worker(name: str, config: dict, checkpoint: str | None, steps: int, roun
 
     for variant in variants:  # warm-up: first-call allocations, lazy imports, model loading
         run(variant, 1)
+    if clock:
+        clock.read()  # drop the warm-up's seconds; each read below starts the next run's count
     runs, outputs = [], {}
     for position, variant in enumerate(schedule(variants[1:], rounds)):
-        if clock:
-            clock.read()
         seconds, cpu_seconds, out = run(variant, steps)
         gate_s, cross_s = clock.read() if clock else (math.nan, math.nan)
         runs.append({"variant": variant, "wall_s": seconds, "cpu_s": cpu_seconds, "gate_s": gate_s, "cross_s": cross_s,
