@@ -22,6 +22,12 @@ if ! "$py" -c 'import torch, torchvision; assert torch.__version__.startswith("2
   echo "[setup] installing torch 2.14.1 + torchvision 0.29.1"
   pip install -q torch==2.14.1 torchvision==0.29.1
 fi
+# ComfyUI imports torchaudio at start since about 0.20. 2.11.0 declares no dependencies and runs
+# beside torch 2.14.1; --no-deps keeps pip from trading torch for the one it was built with.
+if ! "$py" -c 'import torchaudio' 2>/dev/null; then
+  echo "[setup] installing torchaudio 2.11.0"
+  pip install -q --no-deps torchaudio==2.11.0
+fi
 
 # Which ComfyUI: $COMFYUI_PATH, the ComfyUI whose custom_nodes/ holds this pack, or our own.
 comfy="${COMFYUI_PATH:-}"
@@ -61,7 +67,7 @@ echo "$comfy" > "$here/.comfyui_path"
 stamp="$venv/.comfy-requirements-installed"
 if [ ! -f "$stamp" ] || [ "$comfy/requirements.txt" -nt "$stamp" ]; then
   echo "[setup] installing ComfyUI's requirements (torch stays as it is)"
-  # torch/torchvision are pinned above; torchaudio would pull another torch and is optional.
+  # torch, torchvision and torchaudio are installed above, matched to each other.
   grep -viE '^\s*(torch|torchvision|torchaudio)\s*($|[<>=~!])' "$comfy/requirements.txt" > "$venv/comfy-req.txt"
   pip install -q -r "$venv/comfy-req.txt"
   touch "$stamp"

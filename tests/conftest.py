@@ -64,3 +64,9 @@ def attention_backend(request):
     attention.optimized_attention = attention.optimized_attention_masked = fn
     yield request.param
     attention.optimized_attention, attention.optimized_attention_masked = saved
+
+
+def pytest_report_header(config):
+    version = {}
+    exec((COMFYUI / "comfyui_version.py").read_text(), version)
+    return f"ComfyUI {version.get('__version__', '?')} at {COMFYUI}"
