@@ -166,7 +166,7 @@ def _random_caption(objects: tuple[Combo, ...], relation: str | None, rng: np.ra
 
 # ---- the split ----
 
-def _pairing_key(a: Combo, relation: str, b: Combo) -> tuple[Combo, str, Combo]:
+def pairing(a: Combo, relation: str, b: Combo) -> tuple[Combo, str, Combo]:
     """One geometric fact, however it is phrased: "a right of b" is "b left of a"."""
     if relation in ("right of", "below"):
         a, b = b, a
@@ -197,7 +197,7 @@ _HELDOUT_PAIRING_SET = frozenset(HELDOUT_PAIRINGS)
 def in_training_split(objects: tuple[Combo, ...], relation: str | None) -> bool:
     if any(o in HELDOUT_COMBOS for o in objects):
         return False
-    return relation not in SPATIAL or _pairing_key(objects[0], relation, objects[1]) not in _HELDOUT_PAIRING_SET
+    return relation not in SPATIAL or pairing(objects[0], relation, objects[1]) not in _HELDOUT_PAIRING_SET
 
 
 # ---- layout and rendering ----
@@ -309,7 +309,7 @@ def _heldout_specs(kind: str) -> list[tuple[tuple[Combo, ...], str | None]]:
                 if _compatible(pair) and any(o in HELDOUT_COMBOS for o in pair)]
     if kind == "relation":
         return [(pair, r) for pair in itertools.permutations(SEEN_COMBOS, 2) for r in SPATIAL
-                if _compatible(pair) and _pairing_key(pair[0], r, pair[1]) in _HELDOUT_PAIRING_SET]
+                if _compatible(pair) and pairing(pair[0], r, pair[1]) in _HELDOUT_PAIRING_SET]
     if kind == "triple":
         return [(triple, None) for triple in itertools.permutations(every, 3)
                 if _compatible(triple) and any(o in HELDOUT_COMBOS for o in triple)]

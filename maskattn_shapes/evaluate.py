@@ -1,0 +1,292 @@
+"""Read what was drawn and score it against the prompt.
+
+A pixel is explained as the background mixed with one palette colour: `coverage` of that
+colour along the straight line from the background to it, `residual` off that line. This is
+exactly what antialiasing and a blurry decoder produce, so edges never read as a third
+colour, and the 50 % coverage contour lands on the drawn edge however blurred it is.
+Same-colour pixels connect into objects; the shape comes from how the object's rows widen
+downwards and how much of its box it fills.
+
+    python -m maskattn_shapes.evaluate --n 500 --seed 1   # accuracy on the generator's own pictures
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from .world import BACKGROUND, COLORS, PALETTE, SPATIAL, Prompt, render, training_scenes
+
+# At 128 px; areas scale with the square of the image side.
+MIN_AREA = 60
+CORE_RADIUS = 2  # a pixel is core when its 5x5 neighbourhood is all one colour ...
+MIN_CORE = 16  # ... and an object needs this many: mixed edge slivers between objects have none
+MIN_COVERAGE = 0.5
+MAX_RESIDUAL = 60.0  # RGB units off the background-colour line before a pixel is "no palette colour"
+MAX_ASPECT = 1.5
+TRIANGLE_WIDENING = (0.5, 1.5)
+TRIANGLE_FILL = (0.4, 0.8)
+SQUARE_FILL = 0.87  # below it, down to CIRCLE_FILL, a circle
+CIRCLE_FILL = 0.65
+
+_GROUND = np.asarray(BACKGROUND, np.float32)
+_DIRECTIONS = (np.asarray([PALETTE[c] for c in COLORS], np.float64) - _GROUND).astype(np.float32)
+_LENGTH2 = (_DIRECTIONS ** 2).sum(axis=1)
+_REACH = float(np.sqrt(_LENGTH2.min()))
+_UNKNOWN = len(COLORS) + 1  # label of pixels far from the background on no palette line
+
+
+@dataclass(frozen=True)
+class Found:
+    """One object read from a picture. color None: no palette colour; shape None: no shape fits.
+    (cx, cy) is the centre of its box in pixels (the generator's Obj convention); area in pixels."""
+
+    color: str | None
+    shape: str | None
+    cx: float
+    cy: float
+    area: int
+
+
+def through_latent(image, factor: int = 8) -> np.ndarray:
+    """What survives a latent `factor` times smaller: area-average down, bilinear back up
+    (half-pixel centres, as torch's interpolate with align_corners=False)."""
+    pixels = np.asarray(image, np.float64)
+    h, w = pixels.shape[:2]
+    small = pixels.reshape(h // factor, factor, w // factor, factor, 3).mean(axis=(1, 3))
+
+    def upsample(a: np.ndarray, axis: int) -> np.ndarray:
+        n = a.shape[axis]
+        position = np.clip((np.arange(n * factor) + 0.5) / factor - 0.5, 0, n - 1)
+        low = np.floor(position).astype(int)
+        high = np.minimum(low + 1, n - 1)
+        t = (position - low).reshape([-1 if d == axis else 1 for d in range(a.ndim)])
+        return np.take(a, low, axis) * (1 - t) + np.take(a, high, axis) * t
+
+    return np.rint(upsample(upsample(small, 0), 1)).clip(0, 255).astype(np.uint8)
+
+
+def palette_labels(pixels: np.ndarray) -> np.ndarray:
+    """Per pixel: 0 background, 1 + index into COLORS, or _UNKNOWN (far from the background,
+    more than MAX_RESIDUAL off every palette line)."""
+    offset = pixels.reshape(-1, 3).astype(np.float32) - _GROUND
+    distance = np.sqrt((offset ** 2).sum(axis=1))
+    labels = np.zeros(len(offset), np.int64)
+    # Under half of the nearest palette colour's distance, no coverage can reach 50 %.
+    candidates = np.flatnonzero(distance >= MIN_COVERAGE * _REACH)
+    offset, distance = offset[candidates], distance[candidates]
+    along = offset @ _DIRECTIONS.T
+    coverage = along / _LENGTH2
+    # Darker or more saturated than the palette colour still counts as it, a little beyond.
+    clipped = coverage.clip(0, 1.25)
+    residual2 = (distance ** 2)[:, None] - 2 * clipped * along + clipped ** 2 * _LENGTH2
+    best = residual2.argmin(axis=1)
+    rows = np.arange(len(best))
+    chosen = np.where(coverage[rows, best] >= MIN_COVERAGE, best + 1, 0)
+    chosen[residual2[rows, best] > MAX_RESIDUAL ** 2] = _UNKNOWN
+    labels[candidates] = chosen
+    return labels.reshape(pixels.shape[:2])
+
+
+def _core(labels: np.ndarray) -> np.ndarray:
+    """Pixels whose whole (2·CORE_RADIUS+1)² neighbourhood has their label."""
+    r = CORE_RADIUS
+    padded = np.pad(labels, r, constant_values=-1)
+    h, w = labels.shape
+    core = labels > 0
+    for dy in range(2 * r + 1):
+        for dx in range(2 * r + 1):
+            core &= padded[dy:dy + h, dx:dx + w] == labels
+    return core
+
+
+def _runs(labels: np.ndarray):
+    """Horizontal runs of one label: row, start, end (exclusive), label; background dropped."""
+    h, w = labels.shape
+    starts = np.ones((h, w), bool)
+    starts[:, 1:] = labels[:, 1:] != labels[:, :-1]
+    rows, cols = np.nonzero(starts)
+    ends = np.append(cols[1:], w)
+    ends[np.append(rows[1:] != rows[:-1], True)] = w
+    keep = labels[rows, cols] > 0
+    return rows[keep], cols[keep], ends[keep], labels[rows, cols][keep]
+
+
+def _components(rows, starts, ends, labels, width: int) -> np.ndarray:
+    """Component id per run: runs of one label touching in consecutive rows (8-connected)."""
+    # Within a row, runs are disjoint and sorted, so the runs of the next row that touch
+    # [start, end) form one contiguous range, found by searching row-major keys.
+    stride = width + 2
+    first = np.searchsorted(rows * stride + ends, (rows + 1) * stride + starts, "left")
+    last = np.searchsorted(rows * stride + starts, (rows + 1) * stride + ends, "right")
+    count = np.maximum(last - first, 0)
+    above = np.repeat(np.arange(len(rows)), count)
+    below = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count) + np.repeat(first, count)
+    same = labels[above] == labels[below]
+
+    parent = list(range(len(rows)))
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in zip(above[same].tolist(), below[same].tolist()):
+        root_i, root_j = find(i), find(j)
+        if root_i != root_j:
+            parent[max(root_i, root_j)] = min(root_i, root_j)
+    return np.array([find(i) for i in range(len(rows))], dtype=np.int64)
+
+
+def classify_shape(mask: np.ndarray) -> str | None:
+    """circle, square or triangle from the object's box-filling mask; None when none fits.
+
+    Two measures that blur leaves in place: `widening`, the slope of row width (in box
+    widths) against height (in box heights), 1 for the upright triangle, 0 for the
+    symmetric circle and square; `fill`, the share of the box covered: 0.5 triangle,
+    0.785 circle, 1 square. Through an 8x latent they stay apart (triangle widening
+    >= 0.69; circle fill <= 0.83, square >= 0.91)."""
+    h, w = mask.shape
+    if max(h, w) > MAX_ASPECT * min(h, w):
+        return None
+    heights = (np.arange(h) + 0.5) / h - 0.5
+    widening = (heights * mask.sum(axis=1) / w).sum() / (heights ** 2).sum() if h > 1 else 0.0
+    fill = mask.mean()
+    if TRIANGLE_WIDENING[0] <= widening <= TRIANGLE_WIDENING[1]:
+        return "triangle" if TRIANGLE_FILL[0] <= fill <= TRIANGLE_FILL[1] else None
+    if abs(widening) >= TRIANGLE_WIDENING[0]:
+        return None
+    if fill >= SQUARE_FILL:
+        return "square"
+    return "circle" if fill >= CIRCLE_FILL else None
+
+
+def read_image(image) -> list[Found]:
+    """The objects in a picture (PIL image or uint8 HxWx3), largest first.
+
+    Pixels of under 50 % palette coverage are background; same-colour pixels connect (8-way)
+    into an object, kept when it has at least MIN_AREA pixels and MIN_CORE core pixels (scaled
+    from 128 px), which drops blur slivers between objects and specks."""
+    pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+    if pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise ValueError(f"expected an RGB image HxWx3, got an array of shape {pixels.shape}")
+    labels = palette_labels(pixels)
+    rows, starts, ends, run_labels = _runs(labels)
+    if not len(rows):
+        return []
+    component = _components(rows, starts, ends, run_labels, pixels.shape[1])
+    core_before = np.pad(np.cumsum(_core(labels), axis=1), ((0, 0), (1, 0)))
+    run_core = core_before[rows, ends] - core_before[rows, starts]
+    scale = pixels.shape[0] * pixels.shape[1] / 128 ** 2
+    found = []
+    for c in np.unique(component):
+        mine = component == c
+        r, s, e = rows[mine], starts[mine], ends[mine]
+        area = int((e - s).sum())
+        if area < MIN_AREA * scale or run_core[mine].sum() < MIN_CORE * scale:
+            continue
+        y0, y1, x0, x1 = r.min(), r.max() + 1, s.min(), e.max()
+        mask = np.zeros((y1 - y0, x1 - x0), bool)
+        for row, start, end in zip(r, s, e):
+            mask[row - y0, start - x0:end - x0] = True
+        label = run_labels[mine][0]
+        color = COLORS[label - 1] if label != _UNKNOWN else None
+        shape = classify_shape(mask) if color is not None else None
+        found.append(Found(color, shape, float(x0 + x1) / 2, float(y0 + y1) / 2, area))
+    return sorted(found, key=lambda f: -f.area)
+
+
+def relation_seen(a: Found, b: Found, relation: str) -> bool:
+    """`a` is `relation` `b`: displaced the right way along the axis, more than across it."""
+    along, across = {"left of": (b.cx - a.cx, a.cy - b.cy), "right of": (a.cx - b.cx, a.cy - b.cy),
+                     "above": (b.cy - a.cy, a.cx - b.cx), "below": (a.cy - b.cy, a.cx - b.cx)}[relation]
+    return bool(along > abs(across))
+
+
+def score(prompt: Prompt, found: list[Found]) -> dict:
+    """How a picture answers its prompt. The world's prompts have distinct colours and
+    distinct shapes, which the definitions rely on.
+
+    present: every prompted (colour, shape) is among the found objects.
+    binding: present, and no prompted colour also appears on another prompted shape.
+    spatial: for "left of"/"right of"/"above"/"below", both objects found and the first
+        (its largest instance) lies that way of the second, along the axis by more than
+        across it; None for "and" and prompts without a relation.
+    no_extra: every found object is a prompted (colour, shape), none found twice.
+    exact: present, binding, no_extra and spatial not False.
+    parseable: every found object has a palette colour and a shape that fits.
+    Per prompted object not found as prompted, one error from the found objects of its shape:
+    own_colour_errors: one has another prompted object's colour (a swap or leak, binding);
+    other_colour_errors: otherwise one has a colour not in the prompt (weak conditioning);
+    shape_errors: none has its shape but its colour is on another shape;
+    missing: neither its shape nor its colour is anywhere.
+    """
+    pairs = {(f.color, f.shape) for f in found}
+    colors = {c for c, _ in prompt.objects}
+    present = all(o in pairs for o in prompt.objects)
+    binding = present and not any((c, s) in pairs for c, _ in prompt.objects for _, s in prompt.objects
+                                  if (c, s) not in prompt.objects)
+    counts = {}
+    for f in found:
+        counts[(f.color, f.shape)] = counts.get((f.color, f.shape), 0) + 1
+    no_extra = all(k in prompt.objects and n == 1 for k, n in counts.items())
+
+    spatial = None
+    if prompt.relation in SPATIAL:
+        first, second = (next((f for f in found if (f.color, f.shape) == o), None) for o in prompt.objects)
+        spatial = first is not None and second is not None and relation_seen(first, second, prompt.relation)
+
+    errors = {"own_colour_errors": 0, "other_colour_errors": 0, "shape_errors": 0, "missing": 0}
+    for color, shape in prompt.objects:
+        if (color, shape) in pairs:
+            continue
+        drawn = {f.color for f in found if f.shape == shape}
+        if drawn & (colors - {color}):
+            errors["own_colour_errors"] += 1
+        elif drawn:
+            errors["other_colour_errors"] += 1
+        elif any(f.color == color for f in found):
+            errors["shape_errors"] += 1
+        else:
+            errors["missing"] += 1
+
+    return {"present": present, "binding": binding, "spatial": spatial, "no_extra": no_extra,
+            "exact": present and binding and no_extra and spatial is not False,
+            "parseable": all(f.color is not None and f.shape is not None for f in found), **errors}
+
+
+def validate(n: int, seed: int, degraded: bool, size: int = 128) -> dict:
+    """The evaluator on the generator's own pictures: share exact, the failures, ms per picture."""
+    failures, seconds = [], 0.0
+    for scene in training_scenes(n, seed, size):
+        pixels = np.asarray(render(scene, size))
+        if degraded:
+            pixels = through_latent(pixels)
+        start = time.perf_counter()
+        result = score(scene.prompt, read_image(pixels))
+        seconds += time.perf_counter() - start
+        if not result["exact"]:
+            failures.append((scene, result))
+    return {"n": n, "exact": 1 - len(failures) / n, "failures": failures, "ms_per_image": 1000 * seconds / n}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="the evaluator's accuracy on the generator's own pictures")
+    parser.add_argument("--n", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args(argv)
+    for degraded in (False, True):
+        result = validate(args.n, args.seed, degraded)
+        print(f"{'through the latent' if degraded else 'crisp':>18}: {result['exact']:.1%} exact of {args.n}, "
+              f"{result['ms_per_image']:.1f} ms per picture")
+        for scene, outcome in result["failures"][:5]:
+            print(f"    {scene.caption!r}: {outcome}")
+
+
+if __name__ == "__main__":
+    main()
