@@ -88,9 +88,10 @@ def test_palette_colours_are_far_apart_and_from_the_background():
     assert gaps[~np.eye(len(colours), dtype=bool)].min() > 90
 
 
-@pytest.mark.parametrize("degraded", [False, True], ids=["crisp", "through-8x-latent"])
-def test_evaluator_reads_the_generators_pictures(degraded):
-    result = evaluate.validate(200, seed=11, degraded=degraded)
+@pytest.mark.parametrize("degraded, noise_sd", [(False, 0), (True, 0), (True, 16)],
+                         ids=["crisp", "through-8x-latent", "through-8x-latent-noisy"])
+def test_evaluator_reads_the_generators_pictures(degraded, noise_sd):
+    result = evaluate.validate(200, seed=11, degraded=degraded, noise_sd=noise_sd)
     assert result["exact"] >= 0.98, [(s.caption, r) for s, r in result["failures"][:3]]
 
 
