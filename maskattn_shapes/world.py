@@ -80,6 +80,12 @@ class Prompt:
     text: str
 
     def __post_init__(self):
+        object.__setattr__(self, "objects", tuple(tuple(o) for o in self.objects))
+        for color, shape in self.objects:
+            if color not in PALETTE or shape not in SHAPES:
+                raise ValueError(f"object {(color, shape)} is not a colour in {COLORS} on a shape in {SHAPES}")
+        if not _compatible(self.objects):
+            raise ValueError(f"objects {self.objects} repeat a colour or a shape; the world's scenes never do")
         if not 1 <= len(self.objects) <= 3:
             raise ValueError(f"a prompt has 1-3 objects, got {len(self.objects)}: {self.objects}")
         if (self.relation is not None) != (len(self.objects) == 2):
@@ -91,6 +97,8 @@ class Prompt:
 
 @dataclass(frozen=True)
 class Scene:
+    """A picture's layout (coordinates in pixels of a size x size image) and its caption."""
+
     objects: tuple[Obj, ...]
     relation: str | None
     caption: str

@@ -45,6 +45,8 @@ def test_every_caption_and_prompt_parses_back_to_its_spec():
     assert spec.objects == (("orange", "circle"), ("blue", "square")) and spec.relation == "left of"
     with pytest.raises(ValueError, match="a pink circle"):
         world.parse_caption("a pink circle")
+    with pytest.raises(ValueError, match="repeat a colour or a shape"):
+        world.parse_caption("a red circle and a red square")
 
 
 def test_heldout_combos_and_pairings_never_occur_in_training():
