@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 from pathlib import Path
 
@@ -17,13 +16,12 @@ sys.path.append(str(REPO / "tests"))
 from maskattn_comfy import host  # noqa: E402
 
 COMFYUI = host.boot(cpu=True)
-FIXTURES = Path(os.environ.get("MASKATTN_FIXTURES", REPO.parent / "shared" / "fixtures" / "official"))
+from comfy_kit import FIXTURES  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
-    if not FIXTURES.is_dir():
-        pytest.fail(f"the official fixtures are missing at {FIXTURES}; set MASKATTN_FIXTURES")
+    """The authors' reference vectors, in the repository (tests/fixtures/official/README.md)."""
     return FIXTURES
 
 
