@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
+from typing import Mapping
 
 STAGES = ("high", "mid", "low", "all")
 PLACEMENTS = ("encoder", "decoder", "encoder_decoder")
@@ -24,16 +26,21 @@ class MaskAttnConfig:
     share_heads_by_stage: bool = True
 
     def __post_init__(self) -> None:
-        if self.stage not in STAGES:
+        # Values may come from a file: check types too ("0.5" or true as a threshold must not pass).
+        if not isinstance(self.stage, str) or self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
-        if self.placement not in PLACEMENTS:
+        if not isinstance(self.placement, str) or self.placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
-        if not 0.0 <= float(self.threshold) <= 1.0:
-            raise ValueError(f"threshold must lie in [0, 1], got {self.threshold}")
-        if not float(self.negative_value) < 0.0:
-            raise ValueError(f"negative_value must be negative, got {self.negative_value}")
-        if int(self.gate_hidden_dim) <= 0:
-            raise ValueError(f"gate_hidden_dim must be positive, got {self.gate_hidden_dim}")
+        if not _is_real(self.threshold) or not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be a number in [0, 1], got {self.threshold!r}")
+        if not _is_real(self.negative_value) or not -math.inf < self.negative_value < 0.0:
+            raise ValueError(f"negative_value must be a finite negative number, got {self.negative_value!r}")
+        if not isinstance(self.gate_hidden_dim, int) or isinstance(self.gate_hidden_dim, bool) or self.gate_hidden_dim <= 0:
+            raise ValueError(f"gate_hidden_dim must be a positive integer, got {self.gate_hidden_dim!r}")
+        if not isinstance(self.share_heads_by_stage, bool):
+            raise ValueError(f"share_heads_by_stage must be true or false, got {self.share_heads_by_stage!r}")
+        object.__setattr__(self, "threshold", float(self.threshold))
+        object.__setattr__(self, "negative_value", float(self.negative_value))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -41,11 +48,18 @@ class MaskAttnConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "MaskAttnConfig":
         """Build from a mapping; the authors' key `share_gate_heads_by_stage` is accepted."""
+        if not isinstance(values, Mapping):
+            raise ValueError(f"a MaskAttn config must be a mapping of names to values, got {type(values).__name__}")
         values = dict(values)
         if "share_gate_heads_by_stage" in values:
             values.setdefault("share_heads_by_stage", values.pop("share_gate_heads_by_stage"))
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(str(key) for key in set(values) - known)
         if unknown:
             raise ValueError(f"unknown MaskAttn config keys {unknown}; known keys are {sorted(known)}")
         return cls(**values)
+
+
+def _is_real(value) -> bool:
+    """An int or float that is not a bool and not NaN."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value

@@ -1,8 +1,10 @@
 """Bad input gets a clear message that says what was wrong and what to do."""
 
+import errno
 import logging
 import os
 import pickle
+import stat
 
 import pytest
 import torch
@@ -155,3 +157,35 @@ def test_gate_file_round_trip_keeps_tensors_and_metadata(tiny, tmp_path):
     loaded = load_gate_file(second)
     assert loaded.provenance["steps"] == 7 and loaded.layer_heads == gates.layer_heads
     assert loaded.config == gates.config
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_gate_files_get_the_mode_the_umask_allows_so_a_server_of_another_user_can_read_them(tiny, tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        path = save_gate_file(tiny_gates(tiny), tmp_path / "gates.safetensors")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
+@pytest.mark.parametrize("fail_at", ["write", "fsync", "replace"])
+def test_a_failed_gate_file_write_leaves_the_previous_file_byte_identical(tiny, tmp_path, monkeypatch, fail_at):
+    path = save_gate_file(tiny_gates(tiny, seed=1), tmp_path / "gates.safetensors")
+    before = path.read_bytes()
+    real, seen_during_write = getattr(os, fail_at), []
+
+    def full_disk(*args):
+        if fail_at == "write":  # half of what was asked reaches the disk, then it is full
+            real(args[0], bytes(args[1][: len(args[1]) // 2]))
+        seen_during_write.append(path.read_bytes())
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, fail_at, full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        save_gate_file(tiny_gates(tiny, seed=2), path)
+    monkeypatch.undo()
+    assert seen_during_write == [before]  # no partial file was ever visible under the name
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["gates.safetensors"]  # no temporary file left behind
+    assert save_gate_file(tiny_gates(tiny, seed=2), path).read_bytes() != before
