@@ -417,8 +417,12 @@ def test_config_files_and_flags(tmp_path):
     yaml_file.write_text("demo: true\nleraning_rate: 1\n")
     with pytest.raises(ConfigError, match="unknown config keys \\['leraning_rate'\\]"):
         parse_config(["--config", str(yaml_file)])
-    with pytest.raises(ConfigError, match="stage must be one of"):
+    with pytest.raises(ConfigError, match="argument --stage: invalid choice: 'middle'"):
         parse_config(["--demo", "--stage", "middle"])
+    bad_stage = tmp_path / "bad_stage.toml"
+    bad_stage.write_text('demo = true\nstage = "middle"\n')
+    with pytest.raises(ConfigError, match="stage must be one of"):
+        parse_config(["--config", str(bad_stage)])
     with pytest.raises(ConfigError, match="--checkpoint and --data are required"):
         parse_config([])
 

@@ -2,21 +2,24 @@
 
 A latent's key hashes the image's bytes, the crop settings (resolution, buckets) and the
 VAE's identity; a text entry's key hashes the caption and the text encoders' identity. So a
-second run encodes nothing, and an edited image or caption re-encodes only itself. Entries
-are small safetensors files, written to a temporary name and renamed.
+second run encodes nothing, and an edited image or caption re-encodes only itself; identical
+images or captions within a dataset are encoded once. Entries are small safetensors files,
+written to a temporary name and renamed, with the permissions the umask gives any new file.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
-from .data import DataError, Example, Skipped, SizeConditioning, load_image
+from .data import DataError, Example, ImageTooLarge, Skipped, SizeConditioning, load_image
 
 CROP_VERSION = "centre-cover-lanczos-1"  # change when load_image's crop changes: old latents no longer apply
 
@@ -53,8 +56,9 @@ class FeatureCache:
         path = self.path(kind, key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        data = safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
         try:
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+            tmp.write_bytes(data)  # open() applies the umask; safetensors' save_file would make it 0600
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -62,12 +66,19 @@ class FeatureCache:
     def get(self, kind: str, key: str) -> dict[str, torch.Tensor]:
         return load_file(str(self.path(kind, key)))
 
-    def shape(self, kind: str, key: str, name: str) -> list[int]:
-        """A tensor's shape, read from the file's header without loading it."""
+    def shape(self, kind: str, key: str, name: str) -> list[int] | None:
+        """A tensor's shape, read from the file's header without loading it; None when the entry is
+        missing or unreadable (a truncated file is then encoded again)."""
         from safetensors import safe_open
 
-        with safe_open(str(self.path(kind, key)), "pt") as handle:
-            return list(handle.get_slice(name).get_shape())
+        path = self.path(kind, key)
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), "pt") as handle:
+                return list(handle.get_slice(name).get_shape())
+        except Exception:  # SafetensorError, OSError, a missing name: whatever it is, it is not a usable entry
+            return None
 
 
 @dataclass(frozen=True)
@@ -76,14 +87,17 @@ class Item:
     latent: str
     text: str
     bucket: tuple[int, int]  # latent (height, width): examples of one batch share it
+    image: str = field(default="", compare=False)  # where it came from, for messages
 
 
 @dataclass
 class EncodeCounts:
     latents_encoded: int = 0
     latents_cached: int = 0
+    latents_repeated: int = 0  # the same image bytes as an earlier example: its latent is shared
     texts_encoded: int = 0
     texts_cached: int = 0
+    texts_repeated: int = 0    # the same caption as an earlier example: its encoding is shared
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -113,21 +127,29 @@ def prepare(examples: list[Example], cache: FeatureCache, open_encoders, resolut
     prepared = Prepared([], skipped)
     counts = prepared.counts
     rank, world = shard
+    buckets_of: dict[str, tuple[int, int]] = {}  # latents met so far in this run (any rank's)
+    texts_seen: set[str] = set()
     for index, example in enumerate(examples):
         mine = index % world == rank
         try:
             image_bytes = example.image.read_bytes()
-        except OSError as error:
-            _bad_image(example, f"unreadable image ({error.strerror or error})", on_bad_image, skipped)
+        except (OSError, ValueError) as error:  # ValueError: a path with a NUL byte
+            _bad_image(example, f"unreadable image ({getattr(error, 'strerror', None) or error})", on_bad_image, skipped)
             continue
         lkey = latent_key(image_bytes, resolution, buckets, vae_identity)
         tkey = text_key(example.caption, text_identity)
-        if cache.has("latents", lkey):
+        if lkey in buckets_of:
+            counts.latents_repeated += mine
+            bucket = buckets_of[lkey]
+        elif (shape := cache.shape("latents", lkey, "latent")) is not None:
             counts.latents_cached += mine
-            bucket = tuple(cache.shape("latents", lkey, "latent")[-2:])
+            bucket = tuple(shape[-2:])
         else:
             try:
                 pixels, size = load_image(example.image, resolution, buckets)
+            except ImageTooLarge as error:
+                _bad_image(example, f"image too large to decode ({error})", on_bad_image, skipped)
+                continue
             except (OSError, ValueError, SyntaxError) as error:  # PIL raises all three for broken files
                 _bad_image(example, f"corrupt image ({type(error).__name__}: {error})", on_bad_image, skipped)
                 continue
@@ -137,14 +159,18 @@ def prepare(examples: list[Example], cache: FeatureCache, open_encoders, resolut
                 latent = encoders.encode_image(pixels.unsqueeze(0))[0]
                 cache.put("latents", lkey, {"latent": latent, "size": torch.tensor(size.as_list())})
                 counts.latents_encoded += 1
-        if cache.has("text", tkey):
+        buckets_of[lkey] = bucket
+        if tkey in texts_seen:
+            counts.texts_repeated += mine
+        elif cache.shape("text", tkey, "context") is not None:
             counts.texts_cached += mine
         elif mine:
             encoders = encoders or open_encoders()
             context, pooled = encoders.encode_text(example.caption)
             cache.put("text", tkey, {"context": context[0], "pooled": pooled[0]})
             counts.texts_encoded += 1
-        prepared.items.append(Item(lkey, tkey, bucket))
+        texts_seen.add(tkey)
+        prepared.items.append(Item(lkey, tkey, bucket, str(example.image)))
     if encoders is not None:
         encoders.close()  # the encoders leave memory before training starts
     return prepared
@@ -156,8 +182,12 @@ def _bad_image(example: Example, why: str, on_bad_image: str, skipped: Skipped) 
     skipped.add(why.split(" (")[0], example.image)
 
 
-def load_batch(cache: FeatureCache, items: list[Item]):
-    """Stacked raw latents [B,4,h,w], contexts [B,T,2048], pooled [B,1280] and size conditionings."""
+def load_batch(cache: FeatureCache, items: list[Item], cut: list | None = None):
+    """Stacked raw latents [B,4,h,w], contexts [B,T,2048], pooled [B,1280] and size conditionings.
+
+    Captions whose lengths would pad the batch beyond ComfyUI's limit are cut (`batch_lengths`);
+    each cut is appended to `cut`, when given, as (item, tokens before, tokens after).
+    """
     latents, contexts, pooled, sizes = [], [], [], []
     for item in items:
         entry = cache.get("latents", item.latent)
@@ -166,13 +196,45 @@ def load_batch(cache: FeatureCache, items: list[Item]):
         sizes.append(SizeConditioning.from_list(entry["size"].tolist()))
         contexts.append(text["context"].float())
         pooled.append(text["pooled"].float())
+    lengths = batch_lengths([c.shape[0] for c in contexts])
+    for i, (item, context, length) in enumerate(zip(items, contexts, lengths)):
+        if length < context.shape[0]:
+            contexts[i] = context[:length]
+            if cut is not None:
+                cut.append((item, context.shape[0], length))
     return torch.stack(latents), stack_contexts(contexts), torch.stack(pooled), sizes
 
 
-def stack_contexts(contexts: list[torch.Tensor]) -> torch.Tensor:
-    """Prompts of 77, 154, ... tokens in one batch: repeat each to the least common multiple, as ComfyUI's conds do."""
-    import math
+CHUNK = 77          # tokens per CLIP chunk: a long prompt is 77, 154, 231, ... tokens
+MAX_PADDING = 4     # ComfyUI's limit (comfy/conds.py, CONDCrossAttn.can_concat): repeat at most 4x the shortest
 
+
+def batch_lengths(lengths: list[int], chunk: int = CHUNK) -> list[int]:
+    """Token counts for the captions of one batch such that repeating each to their least common
+    multiple costs at most MAX_PADDING times the shortest, as ComfyUI allows when it batches conds.
+
+    Unchanged when they already fit. Otherwise longer captions are cut to whole chunks: among
+    common lengths L = k x the shortest (k = 1..MAX_PADDING), each caption keeps the longest
+    whole-chunk divisor of L it has, and the L that cuts the fewest chunks wins (ties: the smaller).
+    ComfyUI itself would run such conds as separate batches; a training batch is one UNet call.
+    """
+    if not lengths or any(n % chunk for n in lengths) or math.lcm(*lengths) <= MAX_PADDING * min(lengths):
+        return list(lengths)
+    chunks = [n // chunk for n in lengths]
+    shortest = min(chunks)
+    best = None
+    for k in range(1, MAX_PADDING + 1):
+        common = k * shortest
+        kept = [max(d for d in range(1, min(c, common) + 1) if common % d == 0) for c in chunks]
+        cost = sum(c - d for c, d in zip(chunks, kept))
+        if best is None or cost < best[0]:
+            best = (cost, kept)
+    return [d * chunk for d in best[1]]
+
+
+def stack_contexts(contexts: list[torch.Tensor]) -> torch.Tensor:
+    """Prompts of 77, 154, ... tokens in one batch: repeat each to the least common multiple, as ComfyUI's conds do
+    (attention over a context repeated whole gives the same output; `batch_lengths` bounds the cost)."""
     lengths = [c.shape[0] for c in contexts]
     common = math.lcm(*lengths)
     return torch.stack([c.repeat(common // c.shape[0], 1) for c in contexts])

@@ -4,9 +4,10 @@ A checkpoint is a folder `checkpoints/step-00001000/` holding
   gates.safetensors  the gates at that step, a file MaskAttn Loader reads as it is;
   state.pt           optimizer, scheduler, RNG states, step and position in the data order
                      (plain tensors and numbers: torch.load(weights_only=True) reads it);
-  COMPLETE           written last: a folder without it is ignored and cleaned up.
-The folder is written under a temporary name and renamed, so a crash or a full disk
-never damages the last good checkpoint.
+  COMPLETE           a folder without it is ignored.
+The folder is written whole under a hidden temporary name and renamed, so a crash or a full
+disk never damages the last good checkpoint; --resume passes over a checkpoint whose files
+were damaged later (a truncated copy) for the one before it, and says so.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from maskattn_core import GateSet, load_gate_file, save_gate_file
 
 PREFIX = "step-"
 MARKER = "COMPLETE"
+_STEP_FOLDER = re.compile(re.escape(PREFIX) + r"[0-9]+")
 
 
 class CheckpointError(RuntimeError):
@@ -38,7 +41,7 @@ def complete_checkpoints(output: Path) -> list[Path]:
     root = checkpoint_dir(output)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / MARKER).is_file()]
+    found = [p for p in root.iterdir() if _STEP_FOLDER.fullmatch(p.name) and p.is_dir() and (p / MARKER).is_file()]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
@@ -66,12 +69,28 @@ def _fsync(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
+def _fsync_folder(path: Path) -> None:
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:  # folders cannot be opened on some systems (Windows): nothing to sync there
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
 def save_checkpoint(output: Path, step: int, gate_set: GateSet, training_state: dict, keep_last: int) -> Path:
-    """Write checkpoint `step` atomically and keep the newest `keep_last` complete ones."""
+    """Write checkpoint `step` atomically and keep the newest `keep_last` complete ones.
+
+    Everything, the COMPLETE marker included, is written into a hidden temporary folder that one
+    rename makes visible: a failure at any point (a full disk, a kill) leaves the earlier
+    checkpoints as they were and no partial folder under a checkpoint's name.
+    """
     root = checkpoint_dir(output)
     final = root / f"{PREFIX}{step:08d}"
-    if (final / MARKER).is_file():
-        return final
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -79,20 +98,25 @@ def save_checkpoint(output: Path, step: int, gate_set: GateSet, training_state: 
         tmp.mkdir()
         save_gate_file(gate_set, tmp / "gates.safetensors")
         torch.save(dict(training_state, rng=rng_state()), tmp / "state.pt")
-        for name in ("gates.safetensors", "state.pt"):
+        (tmp / MARKER).write_text(json.dumps({"step": step}))
+        for name in ("gates.safetensors", "state.pt", MARKER):
             _fsync(tmp / name)
-        if final.exists():  # an incomplete leftover of the same step
+        _fsync_folder(tmp)
+        if final.exists():  # a leftover of the same step: unreadable (passed over by --resume) or incomplete
             shutil.rmtree(final)
         os.replace(tmp, final)
-        marker = final / f".{MARKER}.tmp"
-        marker.write_text(json.dumps({"step": step}))
-        os.replace(marker, final / MARKER)
-    except OSError as error:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _fsync_folder(root)
+    except Exception as error:  # OSError, or what torch (RuntimeError) and safetensors make of a full disk
         last = latest_checkpoint(output)
         safe = f"the last good checkpoint {last} is intact" if last else "no earlier checkpoint exists"
+        why = getattr(error, "strerror", None) or str(error).strip().splitlines()[-1:] or [type(error).__name__]
         raise CheckpointError(f"could not write the checkpoint for step {step} in {root}: "
-                              f"{error.strerror or error} ({type(error).__name__}); {safe}") from error
+                              f"{why if isinstance(why, str) else why[0]} ({type(error).__name__}); {safe}. "
+                              "Free some space (or fix the folder's permissions) and run again with --resume"
+                              ) from error
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     prune(output, keep_last)
     return final
 
@@ -127,7 +151,33 @@ def load_checkpoint(path: Path) -> tuple[GateSet, dict]:
     try:
         gate_set = load_gate_file(path / "gates.safetensors")
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or "step" not in state:
+            raise ValueError("state.pt holds no training state")
     except Exception as error:  # a damaged file: say which, and that older checkpoints may still be good
-        raise CheckpointError(f"checkpoint {path} cannot be read ({error}); delete it to resume from the "
-                              "previous one") from error
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(error).__name__}: {error}); delete it to "
+                              "resume from the previous one") from error
     return gate_set, state
+
+
+def load_newest_readable(output: Path, say=print) -> tuple[Path, GateSet, dict] | None:
+    """The newest complete checkpoint that reads; a damaged newer one (a truncated file) is reported
+    through `say` and passed over for the one before it. None when there is no checkpoint at all;
+    CheckpointError when there are some and none reads."""
+    found = complete_checkpoints(output)
+    problems = []
+    for path in reversed(found):
+        try:
+            gate_set, state = load_checkpoint(path)
+        except CheckpointError as error:
+            problems.append(str(error.__cause__ or error))
+            say(f"--resume: checkpoint {path.name} cannot be read ({error.__cause__ or error}); "
+                "trying the one before it")
+            continue
+        if problems:
+            say(f"--resume: resuming from {path.name}, the newest checkpoint that reads; the damaged newer "
+                "one(s) stay on disk until training writes their steps again")
+        return path, gate_set, state
+    if found:
+        raise CheckpointError(f"none of the {len(found)} checkpoints in {checkpoint_dir(output)} can be read "
+                              f"({'; '.join(problems)}); start a new run without --resume or in a new --output")
+    return None

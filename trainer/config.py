@@ -26,6 +26,7 @@ class TrainConfig:
     checkpoint: str | None = None
     data: str | None = None
     data_format: str = "auto"            # auto | folder | jsonl | coco
+    caption_extension: str = ".txt"      # a folder's caption files: image.png + image.txt (kohya also uses .caption)
     coco_images: str | None = None
     coco_min_noun_phrases: int = 2       # the paper's caption filter for COCO
     output: str = "output/maskattn"
@@ -77,12 +78,13 @@ class TrainConfig:
     demo_images: int = 24
 
     def __post_init__(self):
-        choices = {"data_format": ("auto", "folder", "jsonl", "coco"), "precision": ("auto", "fp32", "bf16", "fp16", "fp64"),
-                   "bad_images": ("skip", "fail"), "bad_captions": ("skip", "fail"), "stage": STAGES,
-                   "placement": PLACEMENTS}
-        for name, allowed in choices.items():
+        for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        suffix = self.caption_extension.strip().lstrip(".")
+        if not suffix or any(c in suffix for c in "/\\*?"):
+            raise ConfigError(f"caption_extension must be a file extension such as .txt or .caption, "
+                              f"got {self.caption_extension!r}")
         positive = ("steps", "batch_size", "grad_accum", "resolution", "save_every", "keep_last", "log_every",
                     "gate_hidden_dim", "demo_images")
         for name in positive:
@@ -121,6 +123,10 @@ class TrainConfig:
         return values
 
 
+CHOICES = {"data_format": ("auto", "folder", "jsonl", "coco"), "precision": ("auto", "fp32", "bf16", "fp16", "fp64"),
+           "bad_images": ("skip", "fail"), "bad_captions": ("skip", "fail"), "stage": tuple(STAGES),
+           "placement": tuple(PLACEMENTS)}
+
 # What `--demo` changes, unless a config file or a flag says otherwise: about a minute on a CPU.
 DEMO_DEFAULTS = dict(resolution=64, batch_size=2, grad_accum=1, steps=100, warmup_steps=10, lr=1e-3,
                      gate_hidden_dim=32, save_every=25, output="output/maskattn_demo", name="maskattn_demo", cpu=True)
@@ -148,20 +154,22 @@ def read_config_file(path: str | Path) -> dict:
 
 HELP = {
     "checkpoint": "the SDXL checkpoint (.safetensors): a path, or a name in ComfyUI's models/checkpoints",
-    "data": "a folder of images with same-name .txt captions, a .jsonl of {image, caption}, or COCO captions JSON",
-    "data_format": "auto, folder, jsonl or coco",
+    "data": "a folder of images with same-name caption files (--caption-extension), a .jsonl of {image, caption}, "
+            "or COCO captions JSON",
+    "data_format": "what --data is (auto: a folder, a .jsonl file, else COCO JSON)",
+    "caption_extension": "the caption files' extension in a --data folder (kohya datasets often use .caption)",
     "coco_images": "the COCO image folder (for --data-format coco)",
-    "coco_min_noun_phrases": "keep COCO captions with at least this many noun phrases (the paper: 2; needs spaCy)",
+    "coco_min_noun_phrases": "keep COCO captions with at least this many noun phrases, as the paper does (needs spaCy)",
     "output": "the run folder: gates, checkpoints, caches, metrics, the resolved config",
     "name": "the gate file's name (<output>/<name>.safetensors)",
     "comfyui": "the ComfyUI folder (default: COMFYUI_PATH, the ComfyUI holding this pack, or scripts/setup.sh's)",
     "install": "also copy the final gates into ComfyUI's models/maskattn",
-    "stage": "gated layers: high, mid, low or all (the paper: mid)",
-    "placement": "encoder, decoder or encoder_decoder (the paper: encoder_decoder)",
+    "stage": "which stage's cross-attention layers get gates",
+    "placement": "gate the encoder's, the decoder's or both sides' layers of the stage",
     "threshold": "a connection is open where the gate probability exceeds this",
     "negative_value": "the logit added to closed connections",
     "gate_hidden_dim": "the gate head's hidden size",
-    "share_heads_by_stage": "one gate head per stage (the paper) instead of one per layer",
+    "share_heads_by_stage": "one gate head per stage (as the paper) instead of one per layer",
     "steps": "optimizer steps; the learning-rate schedule spans them",
     "stop_at": "stop with a checkpoint after this step, keeping the --steps schedule (0: run to --steps)",
     "batch_size": "images per process per micro-batch",
@@ -172,14 +180,14 @@ HELP = {
     "seed": "seeds the gates, the data order, the noise and the timesteps",
     "resolution": "training side in pixels (centre crop, or the bucket area with --buckets)",
     "buckets": "aspect-ratio buckets instead of a square centre crop",
-    "precision": "the frozen UNet's dtype: auto, fp32, bf16, fp16 (fp64 for exactness checks); gates stay fp32",
+    "precision": "the frozen UNet's dtype (fp64 for exactness checks); gates stay fp32",
     "gradient_checkpointing": "recompute the UNet's blocks in the backward pass to save memory",
     "cpu": "train on the CPU even when a GPU is present",
     "save_every": "write a checkpoint every N steps", "keep_last": "keep the last N checkpoints",
     "resume": "continue from the newest complete checkpoint in --output",
     "cache_dir": "where encoded latents and text embeddings are cached (default: <output>/cache)",
-    "bad_images": "skip (and count) or fail on unreadable images",
-    "bad_captions": "skip (and count) or fail on missing or empty captions",
+    "bad_images": "skip (and count) or fail on unreadable, corrupt or oversized images and bad image entries",
+    "bad_captions": "skip (and count) or fail on missing, empty or non-text captions",
     "log_every": "write metrics every N steps", "progress": "show the progress bar",
     "tensorboard": "also log to TensorBoard when it is installed",
     "validate_every": "every N steps, render fixed-seed samples without and with the current gates, side by side, "
@@ -192,8 +200,13 @@ HELP = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # a ConfigError like any other bad value, not a SystemExit from inside parse_config
+        raise ConfigError(f"{message} (python trainer/train.py --help lists every option)")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python trainer/train.py",
         description="Train MaskAttn gate heads for a frozen SDXL checkpoint on captioned images.",
         argument_default=argparse.SUPPRESS)
@@ -201,16 +214,21 @@ def _parser() -> argparse.ArgumentParser:
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = f.default
+        text = HELP[f.name]
+        if "(default" not in text and default not in (None, ()):  # said once, by the text or here
+            text += f" (default {' '.join(map(str, default)) if isinstance(default, tuple) else default})"
         if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"{HELP[f.name]} (default {default})")
+            # BooleanOptionalAction appends its own "(default: ...)" when help holds no "%(default)": it is SUPPRESS here
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=text.replace("%", "%%"))
         elif f.name == "betas":
-            parser.add_argument(flag, type=float, nargs=2, metavar=("BETA1", "BETA2"),
-                                help=f"{HELP[f.name]} (default {default})")
+            parser.add_argument(flag, type=float, nargs=2, metavar=("BETA1", "BETA2"), help=text)
         elif f.name == "validate_prompts":
-            parser.add_argument(flag, nargs="+", metavar="PROMPT", help=HELP[f.name])
+            parser.add_argument(flag, nargs="+", metavar="PROMPT", help=text)
+        elif f.name in CHOICES:
+            parser.add_argument(flag, choices=CHOICES[f.name], help=text)
         else:
             kind = {int: int, float: float}.get(type(default), str)
-            parser.add_argument(flag, type=kind, help=f"{HELP[f.name]} (default {default})")
+            parser.add_argument(flag, type=kind, help=text)
     return parser
 
 

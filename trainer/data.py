@@ -1,9 +1,10 @@
 """Captioned images: where they come from, how they are cropped, and in which order they train.
 
 Three sources: a folder of images with same-name `.txt` captions (the kohya / ComfyUI
-convention, subfolders included); a JSONL file of {"image", "caption"} lines (image paths
-relative to the file); COCO caption JSON with its image folder, filtered as in the paper
-to captions with at least two noun phrases (spaCy).
+convention, subfolders included; `--caption-extension .caption` for kohya's other one); a
+JSONL file of {"image", "caption"} lines (image paths relative to the file); COCO caption
+JSON with its image folder, filtered as in the paper to captions with at least two noun
+phrases (spaCy). Entries that cannot be used are skipped and counted, never a traceback.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ class DataError(ValueError):
     """Training data that cannot be used; the message names the file and what to do."""
 
 
+class ImageTooLarge(ValueError):
+    """An image whose header claims more pixels than PIL decodes (a decompression bomb, or a huge scan)."""
+
+
 @dataclass(frozen=True)
 class Example:
     image: Path
@@ -31,15 +36,18 @@ class Example:
 
 @dataclass
 class Skipped:
-    """What was left out, by reason, with a few file names to show the user."""
+    """What was left out, by reason, with a few file names to show the user; and what was kept
+    but changed (`noted`, e.g. invalid UTF-8 replaced), the same way."""
     counts: dict = field(default_factory=dict)
     samples: dict = field(default_factory=dict)
+    noted: dict = field(default_factory=dict)
+    noted_samples: dict = field(default_factory=dict)
 
     def add(self, reason: str, what) -> None:
-        self.counts[reason] = self.counts.get(reason, 0) + 1
-        self.samples.setdefault(reason, [])
-        if len(self.samples[reason]) < 3:
-            self.samples[reason].append(str(what))
+        _count(self.counts, self.samples, reason, what)
+
+    def note(self, reason: str, what) -> None:
+        _count(self.noted, self.noted_samples, reason, what)
 
     def total(self) -> int:
         return sum(self.counts.values())
@@ -47,11 +55,36 @@ class Skipped:
     def describe(self) -> str:
         return "; ".join(f"{n} {reason} (e.g. {', '.join(self.samples[reason])})" for reason, n in self.counts.items())
 
+    def describe_noted(self) -> str:
+        return "; ".join(f"{n} {reason} (e.g. {', '.join(self.noted_samples[reason])})"
+                         for reason, n in self.noted.items())
+
+
+def _count(counts: dict, samples: dict, reason: str, what) -> None:
+    counts[reason] = counts.get(reason, 0) + 1
+    samples.setdefault(reason, [])
+    if len(samples[reason]) < 3:
+        samples[reason].append(str(what))
+
+
+INVALID_UTF8 = "caption with invalid UTF-8 (kept, bad bytes replaced by U+FFFD)"
+
+
+def decode_text(data: bytes, skipped: Skipped, where) -> str:
+    """UTF-8 (a leading byte-order mark dropped); invalid bytes are replaced, and noted."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        skipped.note(INVALID_UTF8, where)
+        return data.decode("utf-8-sig", errors="replace")
+
 
 def _caption_problem(caption) -> str | None:
     if caption is None:
         return "missing caption"
-    if not isinstance(caption, str) or not caption.strip():
+    if not isinstance(caption, str):
+        return "caption that is not text"
+    if not caption.strip():
         return "empty caption"
     return None
 
@@ -60,32 +93,59 @@ def _keep(examples, skipped, image, caption, on_bad: str):
     problem = _caption_problem(caption)
     if problem is None:
         examples.append(Example(Path(image), caption.strip()))
-    elif on_bad == "fail":
-        raise DataError(f"{problem} for image {image}: write a caption, or pass --bad-captions skip to leave it out")
-    else:
-        skipped.add(problem, image)
+        return
+    what = f"{image} ({type(caption).__name__}: {str(caption)[:40]})" if problem == "caption that is not text" else image
+    if on_bad == "fail":
+        raise DataError(f"{problem} for image {what}: write a caption, or pass --bad-captions skip to leave it out")
+    skipped.add(problem, what)
 
 
-def read_folder(root: Path, on_bad_caption: str, skipped: Skipped) -> list[Example]:
+def _bad_reference(skipped, on_bad_image: str, reason: str, where) -> None:
+    if on_bad_image == "fail":
+        raise DataError(f"{reason}: {where}; fix the entry, or pass --bad-images skip to leave it out")
+    skipped.add(reason, where)
+
+
+def caption_suffix(extension: str) -> str:
+    """".txt", ".caption": the caption file's suffix, a leading dot added when missing."""
+    extension = extension.strip()
+    return extension if extension.startswith(".") else "." + extension
+
+
+def read_folder(root: Path, on_bad_caption: str, skipped: Skipped, caption_extension: str = ".txt") -> list[Example]:
     examples: list[Example] = []
+    suffix = caption_suffix(caption_extension)
     images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     for image in images:
-        text = image.with_suffix(".txt")
-        caption = text.read_text(encoding="utf-8", errors="replace") if text.is_file() else None
+        text = image.with_suffix(suffix)
+        caption = None
+        if text.is_file():
+            try:
+                caption = decode_text(text.read_bytes(), skipped, text)
+            except OSError as error:
+                skipped.add("unreadable caption file", f"{text} ({error.strerror or error})")
+                continue
         _keep(examples, skipped, image, caption, on_bad_caption)
     return examples
 
 
-def read_jsonl(path: Path, on_bad_caption: str, skipped: Skipped) -> list[Example]:
+def read_jsonl(path: Path, on_bad_caption: str, skipped: Skipped, on_bad_image: str = "skip") -> list[Example]:
     examples: list[Example] = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, raw in enumerate(path.read_bytes().splitlines(), 1):
+        line = decode_text(raw, skipped, f"{path}:{number}")
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-            image = record["image"]
-        except (ValueError, KeyError, TypeError) as error:
-            raise DataError(f"{path}:{number} is not a JSON object with an \"image\" key ({error})") from error
+        except ValueError as error:
+            raise DataError(f"{path}:{number} is not a JSON line ({error})") from error
+        if not isinstance(record, dict) or "image" not in record:
+            raise DataError(f"{path}:{number} is not a JSON object with an \"image\" key: {line[:80]}")
+        image = record["image"]
+        if not isinstance(image, str) or not image.strip():
+            _bad_reference(skipped, on_bad_image, "entry whose image is not a file path",
+                           f"{path}:{number} (image {image!r})")
+            continue
         _keep(examples, skipped, path.parent / image, record.get("caption"), on_bad_caption)
     return examples
 
@@ -106,21 +166,40 @@ def noun_phrase_counter():
     return lambda text: sum(1 for _ in nlp(text).noun_chunks)
 
 
+def _order(value) -> tuple:
+    """A sort key for ids of any JSON type: numbers in numeric order, then everything else as text."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, value, "")
+    return (1, 0, json.dumps(value, sort_keys=True))
+
+
 def read_coco(path: Path, images: Path | None, min_noun_phrases: int, on_bad_caption: str,
               skipped: Skipped) -> list[Example]:
     try:
-        coco = json.loads(path.read_text(encoding="utf-8"))
+        coco = json.loads(decode_text(path.read_bytes(), skipped, path))
         files = {record["id"]: record["file_name"] for record in coco["images"]}
         annotations = coco["annotations"]
-    except (ValueError, KeyError, TypeError) as error:
+        if not isinstance(annotations, list):
+            raise TypeError(f"\"annotations\" is a {type(annotations).__name__}, not a list")
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise DataError(f"{path} is not COCO caption JSON (needs \"images\" with id/file_name and "
                         f"\"annotations\" with image_id/caption): {error}") from error
     folder = Path(images) if images else path.parent
     count = noun_phrase_counter() if min_noun_phrases > 0 else None
     examples: list[Example] = []
-    for record in sorted(annotations, key=lambda r: (r.get("image_id"), r.get("id", 0))):
-        if record.get("image_id") not in files:
-            skipped.add("caption of an unknown image", record.get("image_id"))
+    usable = []
+    for index, record in enumerate(annotations):
+        if not isinstance(record, dict):
+            skipped.add("annotation that is not a JSON object", f"annotations[{index}]")
+        elif "image_id" not in record:
+            skipped.add("annotation without image_id", f"annotations[{index}] (id {record.get('id')!r})")
+        elif not isinstance(record["image_id"], (int, str)) or record["image_id"] not in files:
+            skipped.add("caption of an unknown image", record["image_id"])
+        else:
+            usable.append(record)
+    for record in sorted(usable, key=lambda r: (_order(r["image_id"]), _order(r.get("id", 0)))):
+        if not isinstance(files[record["image_id"]], str):
+            skipped.add("image entry whose file_name is not text", record["image_id"])
             continue
         caption = record.get("caption")
         if count is not None and _caption_problem(caption) is None and count(caption) < min_noun_phrases:
@@ -131,7 +210,8 @@ def read_coco(path: Path, images: Path | None, min_noun_phrases: int, on_bad_cap
 
 
 def read_examples(data: str, data_format: str, coco_images: str | None, coco_min_noun_phrases: int,
-                  on_bad_caption: str) -> tuple[list[Example], Skipped]:
+                  on_bad_caption: str, caption_extension: str = ".txt", on_bad_image: str = "skip",
+                  ) -> tuple[list[Example], Skipped]:
     path = Path(data)
     if not path.exists():
         raise DataError(f"--data {data!r} does not exist")
@@ -141,9 +221,9 @@ def read_examples(data: str, data_format: str, coco_images: str | None, coco_min
     if data_format == "folder":
         if not path.is_dir():
             raise DataError(f"--data {data!r} is not a folder (data_format folder)")
-        examples = read_folder(path, on_bad_caption, skipped)
+        examples = read_folder(path, on_bad_caption, skipped, caption_extension)
     elif data_format == "jsonl":
-        examples = read_jsonl(path, on_bad_caption, skipped)
+        examples = read_jsonl(path, on_bad_caption, skipped, on_bad_image)
     else:
         examples = read_coco(path, Path(coco_images) if coco_images else None, coco_min_noun_phrases,
                              on_bad_caption, skipped)
@@ -189,13 +269,17 @@ def target_size(width: int, height: int, resolution: int, buckets: bool) -> tupl
 def load_image(path: Path, resolution: int, buckets: bool):
     """(pixels [H,W,3] float in [0,1], SizeConditioning): resized to cover the target, then centre-cropped.
 
-    Raises OSError / ValueError for an unreadable or corrupt file.
+    Raises OSError / ValueError for an unreadable or corrupt file, ImageTooLarge for one that
+    claims more pixels than PIL will decode.
     """
     from PIL import Image, ImageOps
 
-    with Image.open(path) as image:
-        image.load()
-        image = ImageOps.exif_transpose(image).convert("RGB")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            image = ImageOps.exif_transpose(image).convert("RGB")
+    except Image.DecompressionBombError as error:
+        raise ImageTooLarge(str(error)) from None
     original = image.size
     target = target_size(*original, resolution, buckets)
     scale = max(target[0] / original[0], target[1] / original[1])

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from maskattn_core import parse_layer_name, stage_of
 
 from .cache import FeatureCache, Item, load_batch
 from .data import DataError, SizeConditioning, epoch_batches, sample_generator
@@ -57,6 +58,47 @@ def noise_prediction_loss(patched, prediction: str, x0: torch.Tensor, noise: tor
     output = unet(model_input.to(dtype), timestep, context=context.to(device, dtype), y=y.to(device, dtype),
                   transformer_options=options)
     return F.mse_loss(output.float(), target.float())
+
+
+def read_hidden_states_as_constants(gate_set) -> None:
+    """Each gate head takes the UNet's hidden states (its location input) as constants in the backward
+    pass; its parameters still get the straight-through gradient. The forward pass is unchanged.
+
+    The straight-through mask (1 - gate) * negative_value has slope |negative_value| = 1e4 in the
+    gate probability. Left connected to the hidden states (as in the authors' code), that slope also
+    carries the loss gradient from every gated layer into the hidden states that feed it, and so into
+    every earlier gated layer: each such hop multiplied the gradient by 10-40 on the demo's UNet, the
+    first of its 10 gated layers got 1e13 times the last one's, and SDXL's 50 overflow float32. A hard
+    gate's true derivative in its input is zero; the surrogate stands in for it only at the gate's own
+    parameters. Idempotent.
+    """
+    for head in gate_set.heads.values():
+        if not getattr(head.feature_net, "_maskattn_constant_input", False):
+            head.feature_net.register_forward_pre_hook(lambda module, args: (args[0].detach(), *args[1:]))
+            head.feature_net._maskattn_constant_input = True
+
+
+def gradient_norms(groups: dict[str, list[torch.Tensor]]) -> tuple[float, dict[str, float]]:
+    """(total, {group: norm}) L2 norms of the parameters' gradients, accumulated in float64.
+
+    torch's float32 norm squares each value and overflows to inf above about 1.8e19, which would
+    make a finite gradient look non-finite; every finite float32 gradient has a finite float64 norm.
+    """
+    by_group = {}
+    for name, params in groups.items():
+        squares = sum(float(torch.linalg.vector_norm(p.grad, dtype=torch.float64)) ** 2
+                      for p in params if p.grad is not None)
+        by_group[name] = math.sqrt(squares)
+    return math.sqrt(sum(norm * norm for norm in by_group.values())), by_group
+
+
+def clip_gradients(params, max_norm: float, total_norm: float) -> None:
+    """Scale the gradients to `max_norm` when their norm exceeds it (as torch's clip_grad_norm_)."""
+    coefficient = max_norm / (total_norm + 1e-6)
+    if coefficient < 1.0:
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(coefficient)
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int):
@@ -112,6 +154,8 @@ class StepResult:
     data_seconds: float
     seconds: float
     skipped: bool = False  # non-finite gradients: no update was made
+    grad_norm_by_stage: dict = field(default_factory=dict)  # before clipping, like grad_norm
+    notes: list = field(default_factory=list)  # things to tell the user (a caption cut, once per caption)
 
 
 class GateTrainer:
@@ -127,7 +171,12 @@ class GateTrainer:
                  world: World):
         self.patched, self.gate_set, self.prediction = patched, gate_set, prediction
         self.cache, self.items, self.config, self.world = cache, items, config, world
+        read_hidden_states_as_constants(gate_set)
         self.params = [p for p in gate_set.parameters()]
+        head_stage = {head: stage_of(parse_layer_name(layer)) for layer, head in gate_set.layer_heads.items()}
+        self.stage_params: dict[str, list] = {}
+        for head_name, head in gate_set.heads.items():
+            self.stage_params.setdefault(head_stage.get(head_name) or head_name, []).extend(head.parameters())
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=tuple(config.betas),
                                            weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
@@ -142,6 +191,8 @@ class GateTrainer:
                              f"(batch size {config.batch_size} x {world.size} processes"
                              f"{', per aspect bucket' if len(buckets) > 1 else ''}); add images or lower --batch-size")
         self._epoch_cache: tuple[int, list] | None = None
+        self._notes: list[str] = []
+        self._cut_reported: set[str] = set()
 
     def micro_batch(self, micro_step: int) -> list[int]:
         """This rank's example indices for one micro-batch."""
@@ -166,7 +217,14 @@ class GateTrainer:
     def micro_step_loss(self, micro_step: int) -> tuple[torch.Tensor, float]:
         started = time.perf_counter()
         indices = self.micro_batch(micro_step)
-        raw, context, pooled, sizes = load_batch(self.cache, [self.items[i] for i in indices])
+        cut = []
+        raw, context, pooled, sizes = load_batch(self.cache, [self.items[i] for i in indices], cut)
+        for item, before, after in cut:
+            if item.text not in self._cut_reported:
+                self._cut_reported.add(item.text)
+                self._notes.append(f"the caption of {item.image or item.text} ({before} tokens) was cut to {after} "
+                                   f"tokens to share a batch with a shorter one (ComfyUI pads a batch's captions to "
+                                   f"at most 4x the shortest); said once per caption")
         model = self.patched.model
         x0 = model.process_latent_in(raw)
         y = sdxl_adm(model, pooled, sizes)
@@ -187,19 +245,20 @@ class GateTrainer:
             data_seconds += seconds
         self.world.average_gradients(self.params)
         total = self.world.average_scalar(total)
-        if self.config.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip))
-        else:
-            grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None])))
+        grad_norm, by_stage = gradient_norms(self.stage_params)
         lr = self.scheduler.get_last_lr()[0]
-        finite = math.isfinite(grad_norm)
+        finite = math.isfinite(grad_norm)  # float64: inf or NaN only when a gradient value is
         if finite:
+            if self.config.grad_clip > 0:
+                clip_gradients(self.params, self.config.grad_clip, grad_norm)
             self.optimizer.step()
         else:  # e.g. float16 overflow: skip the update, keep the schedule (as AMP's GradScaler does)
             self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
-        return StepResult(total, lr, grad_norm, data_seconds, time.perf_counter() - started, skipped=not finite)
+        notes, self._notes = self._notes, []
+        return StepResult(total, lr, grad_norm, data_seconds, time.perf_counter() - started, skipped=not finite,
+                          grad_norm_by_stage=by_stage, notes=notes)
 
     # -- state for checkpoints -------------------------------------------------------------
     def state_dict(self) -> dict:

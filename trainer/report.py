@@ -14,9 +14,9 @@ class Report:
 
     def __init__(self, output: Path, start_step: int, total_steps: int, progress: bool, tensorboard: bool):
         self.metrics_path = Path(output) / "metrics.jsonl"
+        self.bar = None
         self._trim(start_step)
         self.metrics = open(self.metrics_path, "a", encoding="utf-8")
-        self.bar = None
         if progress:
             from tqdm import tqdm
 
@@ -31,28 +31,51 @@ class Report:
                 self.writer = None
 
     def _trim(self, start_step: int) -> None:
-        """After a resume, drop metrics of steps past the checkpoint: they are about to be redone."""
+        """After a resume, drop metrics of steps past the checkpoint: they are about to be redone.
+
+        A line that is not a JSON record (the last one, cut short when a run was killed mid-write)
+        is dropped with a note; the checkpoint, not this log, is what resuming relies on.
+        """
         if not self.metrics_path.is_file():
             return
-        kept = [line for line in self.metrics_path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= start_step]
+        kept, damaged = [], 0
+        for line in self.metrics_path.read_text(encoding="utf-8", errors="replace").splitlines():
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                step = int(record.get("step", 0))
+            except (ValueError, TypeError, AttributeError):  # cut short, or not a record of ours
+                damaged += 1
+                continue
+            if step <= start_step:
+                kept.append(line)
         self.metrics_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        if damaged:
+            self.note(f"{self.metrics_path}: dropped {damaged} damaged line(s) (a run killed mid-write); "
+                      "the metrics of the steps before go on")
 
     def step(self, step: int, result: StepResult, write_metrics: bool) -> None:
+        for message in result.notes:
+            self.note(f"step {step}: {message}")
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}", refresh=False)
             self.bar.update(1)
         if write_metrics:
             record = {"step": step, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
+                      "grad_norm_by_stage": result.grad_norm_by_stage,
                       "step_seconds": round(result.seconds, 6), "data_seconds": round(result.data_seconds, 6)}
             if result.skipped:
                 record["skipped"] = "non-finite gradients: no update"
-                self.note(f"step {step}: non-finite gradients (loss {result.loss}); the update was skipped")
+                self.note(f"step {step}: non-finite gradients (loss {result.loss}, gradient norm by stage "
+                          f"{result.grad_norm_by_stage}); the update was skipped")
             self.metrics.write(json.dumps(record) + "\n")
             self.metrics.flush()
             if self.writer is not None:
                 for key in ("loss", "lr", "grad_norm", "step_seconds"):
                     self.writer.add_scalar(f"train/{key}", record[key], step)
+                for stage, norm in result.grad_norm_by_stage.items():
+                    self.writer.add_scalar(f"train/grad_norm_{stage}", norm, step)
 
     def validation(self, step: int, written: list[dict]) -> None:
         """--validate-every: the PNGs of one validation, as a metrics record (and TensorBoard images)."""

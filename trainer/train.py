@@ -65,7 +65,7 @@ def prepare_data(config: TrainConfig, base, world: World, output: Path):
             write_demo_dataset(Path(data), config.demo_images, seed=config.seed)
         world.barrier()
     examples, skipped = read_examples(data, config.data_format, config.coco_images, config.coco_min_noun_phrases,
-                                      config.bad_captions)
+                                      config.bad_captions, config.caption_extension, config.bad_images)
     cache = FeatureCache(config.cache_path)
     prepared = prepare(examples, cache, base.open_encoders, config.resolution, config.buckets, config.bad_images,
                        skipped, base.identities, shard=(world.rank, world.size))
@@ -75,16 +75,28 @@ def prepare_data(config: TrainConfig, base, world: World, output: Path):
         raise DataError(f"no usable training examples in {data}" + (f": {skipped.describe()}" if skipped.total() else ""))
     say(world, f"data: {len(prepared.items)} examples from {data}"
                + (f"; skipped {skipped.total()}: {skipped.describe()}" if skipped.total() else "")
-               + f"; encoded {counts['latents_encoded']} images and {counts['texts_encoded']} captions, "
-                 f"{counts['latents_cached']} and {counts['texts_cached']} from the cache")
+               + (f"; kept with a change: {skipped.describe_noted()}" if skipped.noted else "")
+               + "; " + describe_encoding(counts))
     return cache, prepared, counts, [example.caption for example in examples]
+
+
+def describe_encoding(counts: dict) -> str:
+    """What the caches did, e.g. "encoded 24 images and 19 captions, 0 and 0 from the cache; 5 captions
+    repeat an earlier one word for word and share its encoding"."""
+    text = (f"encoded {counts['latents_encoded']} images and {counts['texts_encoded']} captions, "
+            f"{counts['latents_cached']} and {counts['texts_cached']} from the cache")
+    repeats = [f"{n} {what}" for n, what in ((counts["texts_repeated"], "captions"), (counts["latents_repeated"], "images"))
+               if n]
+    if repeats:
+        text += f"; {' and '.join(repeats)} repeat an earlier one exactly and share its encoding (each encoded once)"
+    return text
 
 
 def train(config: TrainConfig, world: World) -> int:
     from maskattn_comfy.patch import apply_maskattn
     from maskattn_core import GateSet, save_gate_file
     from trainer.base_model import freeze, load_checkpoint as load_base
-    from trainer.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+    from trainer.checkpoints import load_newest_readable, save_checkpoint, set_rng_state
     from trainer.loop import GateTrainer, enable_gradient_checkpointing
     from trainer.report import Report, SilentReport
 
@@ -107,11 +119,12 @@ def train(config: TrainConfig, world: World) -> int:
     provenance = dict(base.provenance, kind="trained", dataset_size=len(prepared.items),
                       dataset_sha256=prepared.dataset_hash(), config=config.to_dict(),
                       trainer="maskattn-comfyui trainer/train.py")
-    resume_from = latest_checkpoint(output) if config.resume else None
-    if config.resume and resume_from is None:
+    found = load_newest_readable(output, lambda message: say(world, message)) if config.resume else None
+    resume_from = None
+    if config.resume and found is None:
         say(world, f"--resume: no complete checkpoint in {output / 'checkpoints'}; starting at step 0")
-    if resume_from is not None:
-        gate_set, state = load_checkpoint(resume_from)
+    if found is not None:
+        resume_from, gate_set, state = found
         check_resumable(config, state["config"], resume_from)
         gate_set.provenance = provenance
     else:
@@ -148,6 +161,7 @@ def train(config: TrainConfig, world: World) -> int:
     if world.is_main:
         report = Report(output, trainer.step, stop_at, config.progress, config.tensorboard)
         (output / "run.json").write_text(json.dumps({"encode": counts, "skipped": prepared.skipped.counts,
+                                                     "kept_with_a_change": prepared.skipped.noted,
                                                      "examples": len(prepared.items),
                                                      "start_step": trainer.step}, indent=1))
     else:
