@@ -3,7 +3,8 @@
 Each call is reduced at once (positive-prompt rows averaged, heads averaged) to one
 [T, h, w] map per layer, on the CPU, at that layer's own grid: the latent's real height
 and width halved as the UNet halves them. No [batch, heads, N, T] tensor outlives the
-call that made it.
+call that made it. With `token_groups`, only those columns are kept (each group's
+tokens averaged), so a long prompt costs memory for what is drawn, not for every token.
 """
 
 from __future__ import annotations
@@ -59,12 +60,15 @@ class MapRecorder:
     extra q·k product per gated layer, so they are only computed when asked for.
     """
 
-    def __init__(self, wanted: tuple[str, ...] = MAPS, cond: int = 0):
+    def __init__(self, wanted: tuple[str, ...] = MAPS, cond: int = 0, token_groups: list[list[int]] | None = None):
         unknown = sorted(set(wanted) - set(MAPS))
         if unknown:
             raise ValueError(f"unknown maps {unknown}; known maps are {list(MAPS)}")
+        if token_groups is not None and not all(token_groups):
+            raise ValueError("every token group needs at least one context column")
         self.wanted = tuple(wanted)
         self.cond = cond
+        self.token_groups = token_groups
         self.latent_size: tuple[int, int] | None = None
         self._sums: dict[LayerKey, dict[str, Tensor]] = {}
         self._counts: dict[LayerKey, dict[str, int]] = {}
@@ -99,7 +103,7 @@ class MapRecorder:
 
     # -- results ---------------------------------------------------------------------------
     def maps(self) -> dict[LayerKey, dict[str, Tensor]]:
-        """{layer: {map name: [T, h, w] mean over the recorded calls}}."""
+        """{layer: {map name: [T, h, w] mean over the recorded calls}}; [G, h, w] with G token groups."""
         return {key: {name: total / self._counts[key][name] for name, total in sums.items()}
                 for key, sums in self._sums.items()}
 
@@ -117,6 +121,8 @@ class MapRecorder:
 
     def _add(self, key: LayerKey, name: str, tokens_by_location: Tensor, grid: tuple[int, int]) -> None:
         h, w = grid
+        if self.token_groups is not None:
+            tokens_by_location = self._grouped(tokens_by_location)
         flat = tokens_by_location.transpose(0, 1).reshape(-1, h, w).cpu()  # [N,T] -> [T,h,w]
         sums = self._sums.setdefault(key, {})
         counts = self._counts.setdefault(key, {})
@@ -126,6 +132,20 @@ class MapRecorder:
         else:
             sums[name] = flat.clone()
             counts[name] = 1
+
+
+    def _grouped(self, tokens_by_location: Tensor) -> Tensor:
+        """[N, T] -> [N, G]: each group's columns averaged."""
+        tokens = tokens_by_location.shape[1]
+        columns = [c for group in self.token_groups for c in group]
+        if max(columns) >= tokens or min(columns) < 0:
+            raise ValueError(f"token groups name context columns up to {max(columns)}, but the context has {tokens}")
+        device = tokens_by_location.device
+        owner = torch.tensor([g for g, group in enumerate(self.token_groups) for _ in group], device=device)
+        sizes = torch.tensor([len(group) for group in self.token_groups], device=device, dtype=torch.float32)
+        picked = tokens_by_location[:, torch.tensor(columns, device=device)].float()
+        summed = picked.new_zeros(picked.shape[0], len(self.token_groups)).index_add_(1, owner, picked)
+        return summed / sizes
 
 
 def head_mean_attention(q: Tensor, k: Tensor, mask: Tensor, heads: int,

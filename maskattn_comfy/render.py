@@ -74,17 +74,33 @@ def to_latent(layer_map: Tensor, latent_size: tuple[int, int]) -> Tensor:
     return layer_map.repeat_interleave(step, -2).repeat_interleave(step, -1)[..., :height, :width]
 
 
-def group_rows(layer_maps: dict[LayerKey, Tensor], grouping: str,
-               latent_size: tuple[int, int]) -> list[tuple[str, Tensor]]:
-    """[(row label, [T,H,W] mean of the row's layers)] in the order the UNet runs them."""
+def row_label(key: LayerKey, grouping: str) -> str:
+    """The grid row a layer's map goes to under `grouping`."""
     if grouping not in GROUPINGS:
         raise ValueError(f"unknown grouping {grouping!r}; choose one of {list(GROUPINGS)}")
-    groups: dict[str, list[Tensor]] = {}
-    for key in sorted(layer_maps, key=layer_order):
-        label = {"layer": layer_name(key), "block": f"{key[0]} {key[1]}",
-                 "stage": f"{stage_of(key) or 'other'} stage", "all": "all layers"}[grouping]
-        groups.setdefault(label, []).append(to_latent(layer_maps[key], latent_size))
-    return [(label, torch.stack(maps).mean(0)) for label, maps in groups.items()]
+    return {"layer": layer_name(key), "block": f"{key[0]} {key[1]}",
+            "stage": f"{stage_of(key) or 'other'} stage", "all": "all layers"}[grouping]
+
+
+def row_labels(keys, grouping: str) -> list[str]:
+    """The grid's row labels for these layers, in the order the UNet runs them."""
+    return list(dict.fromkeys(row_label(key, grouping) for key in sorted(keys, key=layer_order)))
+
+
+def group_rows(layer_maps: dict[LayerKey, Tensor], grouping: str, latent_size: tuple[int, int],
+               size: tuple[int, int] | None = None) -> list[tuple[str, Tensor]]:
+    """[(row label, [T,H,W] mean of the row's layers)] in the order the UNet runs them; with `size`,
+    each row is resized to it as soon as it is complete, so only one latent-sized row is ever held."""
+    keys = sorted(layer_maps, key=layer_order)
+    rows = []
+    for label in row_labels(keys, grouping):
+        members = [key for key in keys if row_label(key, grouping) == label]
+        total = to_latent(layer_maps[members[0]], latent_size).float()
+        for key in members[1:]:
+            total += to_latent(layer_maps[key], latent_size)
+        mean = total / len(members)
+        rows.append((label, mean if size is None else _resize(mean, size)))
+    return rows
 
 
 def scale_for(choice: str, values: Tensor) -> ColourScale:
@@ -120,58 +136,167 @@ def cell_size(latent_size: tuple[int, int], longest: int) -> tuple[int, int]:
     return longest, max(8, round(longest * width / height))
 
 
+# Bounds that keep any prompt's grid small: ComfyUI holds the IMAGE as float32 (12 bytes a pixel) and
+# its preview briefly needs about three times that, so 4 megapixels stay under ~200 MB.
+MAX_WIDTH = 4096                 # wider grids wrap their columns into bands
+MAX_PIXELS = 4_000_000           # beyond it cells shrink, then columns are left out with a note
+CELL_SIDES = (128, 96, 64, 48)   # a cell's longer side, largest first
+_FONT = ImageFont.load_default(size=12)
+_PAD, _GAP, _BAR_WIDTH = 8, 3, 16
+_NOTE_COLOUR = (170, 0, 0)
+
+
+@dataclass(frozen=True)
+class GridLayout:
+    """Where everything goes: the grid's columns wrap into bands of `per_band`; `shown` of `total`
+    columns are drawn (the first ones) and `note`, when not empty, says what was left out."""
+    cell: tuple[int, int]  # (height, width) of one map
+    per_band: int
+    shown: int
+    total: int
+    rows: int
+    label_width: int
+    note: str
+
+    @property
+    def line(self) -> int:
+        return int(sum(_FONT.getmetrics())) + 2
+
+    @property
+    def bands(self) -> int:
+        return -(-self.shown // self.per_band)
+
+    @property
+    def top(self) -> int:
+        return _PAD + self.line * (2 if self.note else 1) + _PAD
+
+    @property
+    def bar_height(self) -> int:
+        return max(self.rows * (self.cell[0] + _GAP) - _GAP, 4 * self.line)
+
+    @property
+    def band_height(self) -> int:
+        return 2 * self.line + max(self.rows * (self.cell[0] + _GAP), self.bar_height + _GAP) + _PAD
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the picture."""
+        return (_columns_x(self.label_width, self.per_band, self.cell[1]) + _legend_width(),
+                self.top + self.bands * self.band_height)
+
+    def cell_box(self, row: int, column: int) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) of row `row`, column `column` (0-based among the drawn ones)."""
+        band, index = divmod(column, self.per_band)
+        x = _columns_x(self.label_width, index, self.cell[1])
+        y = self.top + band * self.band_height + 2 * self.line + row * (self.cell[0] + _GAP)
+        return x, y, x + self.cell[1], y + self.cell[0]
+
+
+def _columns_x(label_width: int, columns: int, cell_width: int) -> int:
+    return label_width + columns * (cell_width + _GAP)
+
+
+def _legend_width() -> int:
+    tick_width = int(_FONT.getlength("-8.88e-05"))  # the widest number the .3g ticks print
+    return _PAD + _BAR_WIDTH + 4 + tick_width + _PAD
+
+
+def grid_layout(labels: list[str], columns: int, latent_size: tuple[int, int], left_out: int = 0) -> GridLayout:
+    """The layout of a grid with these row labels and `columns` token columns, within MAX_WIDTH and
+    MAX_PIXELS: bands first, then smaller cells, then only the first columns and a note.
+
+    `left_out`: columns already left out by the caller, counted in the note."""
+    label_width = max(int(_FONT.getlength(label)) for label in labels) + 2 * _PAD
+    rows, total = len(labels), columns + left_out
+
+    def layout(side: int, per_band: int, shown: int) -> GridLayout:
+        note = ""
+        if shown < total:
+            note = (f"{total - shown} of {total} tokens left out (first {shown} drawn) to keep the grid under "
+                    f"{MAX_PIXELS / 1e6:g} megapixels: grouping 'stage' or 'all' leaves room for more; "
+                    f"the MASK output maps any word given in words")
+        return GridLayout(cell_size(latent_size, side), max(1, per_band), shown, total, rows, label_width, note)
+
+    def widest_band(side: int) -> int:
+        cell_width = cell_size(latent_size, side)[1]
+        return max(1, (MAX_WIDTH - label_width - _legend_width()) // (cell_width + _GAP))
+
+    if left_out == 0:
+        for side in CELL_SIDES:
+            bands = -(-columns // widest_band(side))
+            candidate = layout(side, -(-columns // bands), columns)  # bands as even as they can be
+            if _pixels(candidate) <= MAX_PIXELS:
+                return candidate
+    side = CELL_SIDES[-1]
+    best = layout(side, 1, 1)  # at least one column, whatever it costs
+    for bands in range(1, -(-columns // widest_band(side)) + 1):
+        height = layout(side, 1, 0).top + bands * layout(side, 1, 0).band_height
+        room = MAX_PIXELS // height - best.label_width - _legend_width()
+        per_band = min(widest_band(side), columns, room // (best.cell[1] + _GAP))
+        if per_band < 1:
+            break
+        candidate = layout(side, per_band, min(columns, per_band * bands))
+        if candidate.shown > best.shown and _pixels(candidate) <= MAX_PIXELS:
+            best = candidate
+    return best
+
+
+def _pixels(layout: GridLayout) -> int:
+    width, height = layout.size
+    return width * height
+
+
 def render_grid(rows: list[tuple[str, Tensor]], columns: list[TokenLabel], scale: ColourScale, title: str,
-                image: Tensor | None = None, longest: int = 128) -> tuple[Image.Image, dict]:
-    """The grid: one row per (label, [T,H,W]) in `rows`, one column per token label, a colour bar.
+                image: Tensor | None = None, left_out: int = 0, latent_size: tuple[int, int] | None = None
+                ) -> tuple[Image.Image, dict, GridLayout]:
+    """The grid: one row per (label, [C,H,W]) in `rows`, one map per label in `columns`, a colour bar;
+    wrapped and capped by `grid_layout` (the columns it leaves out are the last ones).
 
-    Returns the picture and each cell's box: {(row label, token position): (left, top, right, bottom)}.
+    `latent_size` gives the cells' aspect (default: the rows' own sides). Returns the picture, each
+    drawn cell's box {(row label, token position): (left, top, right, bottom)}, and the layout.
     """
-    font = ImageFont.load_default(size=12)
-    pad, gap, bar_width = 8, 3, 16
-    latent_size = tuple(rows[0][1].shape[-2:])
-    ch, cw = cell_size(latent_size, longest)
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    line = int(sum(font.getmetrics())) + 2
-    row_label_width = max(int(probe.textlength(label, font=font)) for label, _ in rows) + 2 * pad
-    ticks = [scale.low, (scale.low + scale.high) / 2, scale.high]
-    tick_width = max(int(probe.textlength(f"{t:.3g}", font=font)) for t in ticks)
-    top = pad + line + pad + 2 * line
-    grid_height = len(rows) * (ch + gap)
-    bar_height = max(grid_height - gap, 4 * line)
-    width = row_label_width + len(columns) * (cw + gap) + pad + bar_width + 4 + tick_width + pad
-    height = top + max(grid_height, bar_height) + pad
-
+    latent_size = latent_size or tuple(rows[0][1].shape[-2:])
+    grid = grid_layout([label for label, _ in rows], len(columns), latent_size, left_out)
+    drawn = columns[:grid.shown]
+    ch, cw = grid.cell
+    width, height = grid.size
+    line = grid.line
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    draw.text((pad, pad), _fit(draw, title, width - 2 * pad, font), fill=(0, 0, 0), font=font)
-    for c, token in enumerate(columns):
-        x = row_label_width + c * (cw + gap)
-        draw.text((x, top - 2 * line), _fit(draw, token.label, cw, font), fill=(0, 0, 0), font=font)
-        draw.text((x, top - line), f"#{token.position}", fill=(110, 110, 110), font=font)
+    draw.text((_PAD, _PAD), _fit(draw, title, width - 2 * _PAD, _FONT), fill=(0, 0, 0), font=_FONT)
+    if grid.note:
+        draw.text((_PAD, _PAD + line), _fit(draw, grid.note, width - 2 * _PAD, _FONT), fill=_NOTE_COLOUR, font=_FONT)
+    for c, token in enumerate(drawn):
+        x, y, _, _ = grid.cell_box(0, c)
+        draw.text((x, y - 2 * line), _fit(draw, token.label, cw, _FONT), fill=(0, 0, 0), font=_FONT)
+        draw.text((x, y - line), _fit(draw, f"#{token.position}", cw, _FONT), fill=(110, 110, 110), font=_FONT)
     boxes = {}
     photo = None if image is None else _resize(image.movedim(-1, 0), (ch, cw)).movedim(0, -1).clamp(0, 1)
     for r, (label, values) in enumerate(rows):
-        y = top + r * (ch + gap)
-        draw.text((pad, y + (ch - line) // 2), label, fill=(0, 0, 0), font=font)
-        cells = _cells(values, columns, scale, (ch, cw), photo)
-        for c, token in enumerate(columns):
-            x = row_label_width + c * (cw + gap)
-            canvas.paste(Image.fromarray(cells[c].numpy()), (x, y))
-            boxes[(label, token.position)] = (x, y, x + cw, y + ch)
-    bar_x = row_label_width + len(columns) * (cw + gap) + pad
-    ramp = colourise(torch.linspace(1, 0, bar_height)[:, None].expand(bar_height, bar_width), scale.diverging)
-    canvas.paste(Image.fromarray((ramp * 255).round().to(torch.uint8).numpy()), (bar_x, top))
+        cells = _cells(values, drawn, scale, (ch, cw), photo)
+        for band in range(grid.bands):
+            _, y, _, _ = grid.cell_box(r, band * grid.per_band)
+            draw.text((_PAD, y + (ch - line) // 2), label, fill=(0, 0, 0), font=_FONT)
+        for c, token in enumerate(drawn):
+            box = grid.cell_box(r, c)
+            canvas.paste(Image.fromarray(cells[c].numpy()), box[:2])
+            boxes[(label, token.position)] = box
+    bar_x = _columns_x(grid.label_width, grid.per_band, cw) + _PAD
+    bar_top, bar_height = grid.cell_box(0, 0)[1], grid.bar_height
+    ramp = colourise(torch.linspace(1, 0, bar_height)[:, None].expand(bar_height, _BAR_WIDTH), scale.diverging)
+    canvas.paste(Image.fromarray((ramp * 255).round().to(torch.uint8).numpy()), (bar_x, bar_top))
+    ticks = [scale.low, (scale.low + scale.high) / 2, scale.high]
     for t, value in enumerate(ticks):
-        y = top + round((1 - t / 2) * (bar_height - 1)) - line // 2
-        y = min(max(y, top), top + bar_height - line)
-        draw.text((bar_x + bar_width + 4, y), f"{value:.3g}", fill=(0, 0, 0), font=font)
-    return canvas, boxes
+        y = bar_top + round((1 - t / 2) * (bar_height - 1)) - line // 2
+        y = min(max(y, bar_top), bar_top + bar_height - line)
+        draw.text((bar_x + _BAR_WIDTH + 4, y), f"{value:.3g}", fill=(0, 0, 0), font=_FONT)
+    return canvas, boxes, grid
 
 
 def _cells(values: Tensor, columns: list[TokenLabel], scale: ColourScale, size: tuple[int, int],
            photo: Tensor | None) -> Tensor:
     """One row's cells: [C, ch, cw, 3] uint8."""
-    colours = colourise(scale.normalise(_resize(values[[token.position for token in columns]], size)), scale.diverging)
+    colours = colourise(scale.normalise(_resize(values[:len(columns)], size)), scale.diverging)
     if photo is not None:
         colours = photo * (1 - _OVERLAY_ALPHA) + colours * _OVERLAY_ALPHA
     return (colours * 255).round().to(torch.uint8)

@@ -18,8 +18,8 @@ import comfy.utils
 
 from .patch import apply_maskattn, find_maskattn_patch
 from .recording import MapRecorder
-from .render import (CHOICES, GROUPINGS, TITLES, chosen_maps, group_rows, render_grid, scale_for,
-                     to_image_tensor, word_mask)
+from .render import (CHOICES, GROUPINGS, TITLES, GridLayout, chosen_maps, grid_layout, group_rows, render_grid,
+                     row_labels, scale_for, to_image_tensor, word_mask)
 from .tokens import TokenLabel, select_tokens, token_labels
 
 VAE_SCALE = 8  # SDXL's VAE: one latent pixel is 8x8 image pixels
@@ -55,7 +55,8 @@ class Visualization:
     labels: list[TokenLabel]  # every context column, special tokens included
     columns: list[TokenLabel] # the columns drawn
     boxes: dict               # {(row label, token position): (left, top, right, bottom)} in the grid
-    layer_maps: dict          # {LayerKey: [T, h, w]} the chosen map per layer, at each layer's own grid
+    layer_maps: dict          # {LayerKey: [C, h, w]} the chosen map per layer for the C drawn columns, at each layer's own grid
+    layout: GridLayout        # the grid's bands and cells, and the note when columns were left out
 
 
 def noise_sigmas(model_sampling, count: int, start_percent: float, end_percent: float) -> Tensor:
@@ -114,11 +115,13 @@ def require_maskattn(model):
     return patch
 
 
-def record_maps(model, positive, latent: dict, options: VisualizeOptions) -> MapRecorder:
-    """Run the MaskAttn `model` at the options' noise levels and return what its gates recorded."""
+def record_maps(model, positive, latent: dict, options: VisualizeOptions,
+                token_groups: list[list[int]] | None = None) -> MapRecorder:
+    """Run the MaskAttn `model` at the options' noise levels and return what its gates recorded
+    (every context column, or only `token_groups`, each group's columns averaged)."""
     patch = require_maskattn(model)
     pick_latent(latent, options.batch_index)  # a bad batch_index fails before any work
-    recorder = MapRecorder(CHOICES[options.map])
+    recorder = MapRecorder(CHOICES[options.map], token_groups=token_groups)
     recording = apply_maskattn(model, patch.gate_set, patch.options, recorder=recorder)
     sigmas = noise_sigmas(model.get_model_object("model_sampling"), options.noise_levels,
                           options.start_percent, options.end_percent)
@@ -144,12 +147,17 @@ def visualize_mask(model, clip, text: str, latent: dict, options: VisualizeOptio
     words = select_tokens(labels, options.words) or [[label.position for label in columns]]
     positive = clip.encode_from_tokens_scheduled(tokens)
 
-    recorder = record_maps(model, positive, latent, options)
-    layer_maps = chosen_maps(recorder.maps(), options.map)
-    latent_size = recorder.latent_size
-    rows = group_rows(layer_maps, options.grouping, latent_size)
-    shown = torch.stack([values[[c.position for c in columns]] for _, values in rows])
-    scale = scale_for(options.map, shown)
+    # Only the columns the grid has room for are recorded, plus one averaged column per word for the MASK.
+    latent_size = tuple(pick_latent(latent, options.batch_index).shape[-2:])
+    layout = grid_layout(row_labels(require_maskattn(model).gate_set.layers, options.grouping), len(columns),
+                         latent_size)
+    drawn = columns[:layout.shown]
+    recorder = record_maps(model, positive, latent, options, [[c.position] for c in drawn] + words)
+    recorded = chosen_maps(recorder.maps(), options.map)
+    layer_maps = {key: maps[:len(drawn)] for key, maps in recorded.items()}
+    word_maps = {key: maps[len(drawn):] for key, maps in recorded.items()}
+    rows = group_rows(layer_maps, options.grouping, latent_size, size=layout.cell)
+    scale = scale_for(options.map, torch.stack([values for _, values in rows]))
 
     photo = None
     if image is not None:
@@ -158,7 +166,8 @@ def visualize_mask(model, clip, text: str, latent: dict, options: VisualizeOptio
     title = (f"{TITLES[options.map]}  |  {options.noise_levels} noise level(s) from {options.start_percent:.0%} to "
              f"{options.end_percent:.0%} of the schedule  |  latent {latent_size[1]}x{latent_size[0]} "
              f"(image {latent_size[1] * VAE_SCALE}x{latent_size[0] * VAE_SCALE})")
-    grid, boxes = render_grid(rows, columns, scale, title, image=photo)
-    everything = group_rows(layer_maps, "all", latent_size)[0][1]
-    mask = word_mask(everything, words, scale, (height, width))
-    return Visualization(to_image_tensor(grid), mask, labels, columns, boxes, layer_maps)
+    grid, boxes, layout = render_grid(rows, drawn, scale, title, image=photo, left_out=len(columns) - len(drawn),
+                                      latent_size=latent_size)
+    everything = group_rows(word_maps, "all", latent_size)[0][1]
+    mask = word_mask(everything, [[w] for w in range(len(words))], scale, (height, width))
+    return Visualization(to_image_tensor(grid), mask, labels, drawn, boxes, layer_maps, layout)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from maskattn_comfy.model_check import require_sdxl
 from maskattn_comfy.patch import apply_maskattn
 from maskattn_comfy.tiny_model import build_sdxl_clip, build_sdxl_model
-from maskattn_comfy.render import ColourScale, render_grid
+from maskattn_comfy.render import MAX_PIXELS, MAX_WIDTH, ColourScale, grid_layout, render_grid
 from maskattn_comfy.tokens import TokenLabel, token_labels
 from maskattn_comfy.visualize import VisualizeOptions, record_maps, visualize_mask
 from maskattn_core import GateHead, GateSet, MaskAttnConfig, layer_name
@@ -137,9 +138,77 @@ def test_a_prompt_longer_than_77_tokens_labels_every_chunk(pack, unet, clip):
     assert [label.position for label in labels if label.text == "<start>"] == [0, 77]
 
     gates = GateSet.create(MaskAttnConfig(), require_sdxl(unet), seed=0)
-    image, mask = run_node(pack, apply_maskattn(unet, gates), clip, text, noise_levels=1, words="dog",
-                           latent={"samples": torch.zeros(1, 4, 8, 8)}).args
-    assert image.shape[2] > 81 * 128 and mask.shape == (1, 64, 64)
+    result = visualize_mask(apply_maskattn(unet, gates), clip, text, {"samples": torch.zeros(1, 4, 8, 8)},
+                            VisualizeOptions(noise_levels=1, words="dog"))
+    assert [label.position for label in result.columns] == [label.position for label in visible]  # all drawn ...
+    assert result.image.shape[2] <= MAX_WIDTH and result.layout.bands >= 2  # ... in bands, not one wide line
+    first, last = result.boxes[("input 7", visible[0].position)], result.boxes[("input 7", visible[-1].position)]
+    assert last[1] > first[3] and not result.layout.note
+    assert result.mask.shape == (1, 64, 64)
+
+
+VOCABULARY = "a red cube on top of blue sphere green cat beside yellow dog under bright sky".split()
+
+
+def note_strip(picture, layout):
+    """The note's line of the grid, and the same line drawn alone: equal when the note is there."""
+    from PIL import Image, ImageDraw
+
+    from maskattn_comfy.render import _FONT, _NOTE_COLOUR, _PAD, _fit
+
+    alone = Image.new("RGB", picture.size, (255, 255, 255))
+    draw = ImageDraw.Draw(alone)
+    draw.text((_PAD, _PAD + layout.line), _fit(draw, layout.note, picture.size[0] - 2 * _PAD, _FONT),
+              fill=_NOTE_COLOUR, font=_FONT)
+    box = (0, _PAD + layout.line, picture.size[0], _PAD + 2 * layout.line)
+    return picture.crop(box), alone.crop(box)
+
+
+@pytest.mark.parametrize("words", [300, 1000])
+def test_a_long_prompt_gives_a_bounded_grid_with_a_note_of_what_was_left_out(pack, unet, clip, words):
+    from PIL import Image
+
+    text = " ".join(VOCABULARY[i % len(VOCABULARY)] for i in range(words - 1)) + " horse"
+    gates = GateSet.create(MaskAttnConfig(stage="all"), require_sdxl(unet), seed=0)  # 11 block rows
+    latent = {"samples": torch.zeros(1, 4, 8, 12)}
+    result = visualize_mask(apply_maskattn(unet, gates), clip, text, latent,
+                            VisualizeOptions(noise_levels=1, words="horse"))
+
+    _, height, width, _ = result.image.shape
+    assert width <= MAX_WIDTH and height * width <= MAX_PIXELS
+    assert result.image.numel() * result.image.element_size() <= 12 * MAX_PIXELS  # 48 MB as ComfyUI's float IMAGE
+    visible = [label for label in result.labels if not label.special]
+    assert len(visible) == words and 0 < len(result.columns) < words
+    assert result.columns == visible[:len(result.columns)]  # the first tokens, in the prompt's order
+    assert result.layout.note.startswith(f"{words - len(result.columns)} of {words} tokens left out "
+                                         f"(first {len(result.columns)} drawn)")
+    picture = Image.fromarray((result.image[0] * 255).round().to(torch.uint8).numpy())
+    drawn, alone = note_strip(picture, result.layout)
+    assert drawn.tobytes() == alone.tobytes() and alone.getextrema() != ((255, 255),) * 3
+    assert len(result.boxes) == len(result.columns) * len({row for row, _ in result.boxes})
+    # The last word is left out of the grid, but the MASK still maps it.
+    horse = [label.position for label in visible if label.word == "horse"]
+    assert horse and horse[0] not in {label.position for label in result.columns}
+    assert result.mask.shape == (1, 64, 96) and float(result.mask.std()) > 0
+
+
+@pytest.mark.parametrize("rows, columns", [(1, 1), (1, 40), (5, 77), (11, 300), (70, 75), (70, 5000), (1, 20000)])
+def test_the_grid_layout_stays_within_its_bounds_and_draws_what_fits(rows, columns):
+    labels = [f"input.{r}.0" for r in range(rows)]
+    layout = grid_layout(labels, columns, (128, 96))
+    width, height = layout.size
+    assert width <= MAX_WIDTH and width * height <= MAX_PIXELS
+    assert layout.total == columns and 1 <= layout.shown <= columns
+    assert bool(layout.note) == (layout.shown < columns)
+    if layout.shown < columns:  # nothing left out that a band more or a wider band could hold
+        assert layout.cell[0] == 48 or layout.cell[1] == 48
+        for bands in range(1, layout.shown + 2):
+            wider = dataclasses.replace(layout, per_band=-(-(layout.shown + 1) // bands), shown=layout.shown + 1)
+            assert wider.size[0] > MAX_WIDTH or wider.size[0] * wider.size[1] > MAX_PIXELS
+    boxes = [layout.cell_box(r, c) for r in range(rows) for c in range(layout.shown)]
+    assert all(0 <= l < r <= width and 0 <= t < b <= height for l, t, r, b in boxes)
+    assert len(set(boxes)) == len(boxes)  # no two cells overlap at their corner
+    assert layout.cell[0] / layout.cell[1] == pytest.approx(128 / 96, abs=0.05)
 
 
 def test_the_same_seed_gives_the_same_bytes_and_another_seed_other_ones(pack, unet, clip, monkeypatch):
@@ -176,11 +245,11 @@ def test_bad_inputs_are_named(pack, unet, clip, change, message):
 
 def test_an_image_input_shows_under_the_map():
     columns = [TokenLabel(1, "cat", 1.0, "cat", False)]
-    rows = [("all layers", torch.ones(2, 4, 6))]  # gate probability 1 everywhere: the top colour
+    rows = [("all layers", torch.ones(1, 4, 6))]  # gate probability 1 everywhere: the top colour
     red = torch.zeros(32, 48, 3)
     red[..., 0] = 1.0
-    plain, boxes = render_grid(rows, columns, ColourScale(0.0, 1.0, False), "t")
-    over, _ = render_grid(rows, columns, ColourScale(0.0, 1.0, False), "t", image=red)
+    plain, boxes, _ = render_grid(rows, columns, ColourScale(0.0, 1.0, False), "t")
+    over, _, _ = render_grid(rows, columns, ColourScale(0.0, 1.0, False), "t", image=red)
     left, top, right, bottom = boxes[("all layers", 1)]
     expected = torch.tensor(TOP_COLOUR) * 0.6 + torch.tensor((255, 0, 0)) * 0.4
     assert torch.tensor(plain.getpixel((left + 5, top + 5))).tolist() == list(TOP_COLOUR)
