@@ -1,6 +1,6 @@
 from comfy_api.latest import io
 
-from maskattn_comfy.folders import gate_names, load_gates
+from maskattn_comfy.folders import gate_fingerprint, gate_names, load_gates
 from maskattn_comfy.patch import PatchOptions, apply_maskattn
 
 
@@ -28,6 +28,10 @@ class MaskAttnLoader(io.ComfyNode):
             ],
             outputs=[io.Model.Output(tooltip="The model with MaskAttn gates on its cross-attention.")],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, gate_name, **kwargs):
+        return gate_fingerprint(gate_name)  # the file's content: a rewritten gate file re-runs the Loader
 
     @classmethod
     def execute(cls, model, gate_name, strength, start_percent, end_percent) -> io.NodeOutput:

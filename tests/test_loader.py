@@ -221,3 +221,45 @@ def test_v_prediction_sdxl_is_patched_like_the_base():
     patched, plain = sample(apply_maskattn(model, gates), steps=2), sample(model, steps=2)
     assert torch.isfinite(patched).all() and not torch.equal(patched, plain)
     assert torch.equal(sample(apply_maskattn(model, tiny_gates(model, bias=50.0)), steps=2), plain)
+
+
+# -- a gate file changed on disk -------------------------------------------------------------
+
+def test_a_gate_file_rewritten_with_the_same_size_and_mtime_is_read_again(pack, gate_folder, tiny):
+    import os
+
+    from maskattn_comfy.folders import gate_fingerprint, load_gates
+    from maskattn_core import save_gate_file
+
+    path = save_gate_file(tiny_gates(tiny, seed=1), gate_folder / "swap.safetensors")
+    stamp = path.stat()
+    first, fingerprint = load_gates("swap.safetensors"), gate_fingerprint("swap.safetensors")
+    assert load_gates("swap.safetensors") is first and gate_fingerprint("swap.safetensors") == fingerprint
+    new = tiny_gates(tiny, seed=2)
+    save_gate_file(new, path)
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))  # as cp -p, rsync -t or unzip leave it
+    assert path.stat().st_size == stamp.st_size
+    assert gate_fingerprint("swap.safetensors") != fingerprint
+    second = load_gates("swap.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(second.state_dict().values(), new.state_dict().values()))
+    assert not all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), new.state_dict().values()))
+
+
+def test_the_fingerprint_reads_a_file_once_while_its_stat_is_unchanged_and_old_enough(pack, gate_folder, tiny,
+                                                                                      monkeypatch):
+    import time
+    from pathlib import Path
+
+    from maskattn_comfy import folders
+    from maskattn_core import save_gate_file
+
+    save_gate_file(tiny_gates(tiny), gate_folder / "still.safetensors")
+    reads = []
+    real_read = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: reads.append(self.name) or real_read(self))
+    fingerprints = {folders.gate_fingerprint("still.safetensors") for _ in range(3)}
+    assert len(fingerprints) == 1 and len(reads) == 3  # just written: a change in the same clock tick would hide
+    now = time.time_ns()
+    monkeypatch.setattr(folders.time, "time_ns", lambda: now + 3_000_000_000)
+    fingerprints |= {folders.gate_fingerprint("still.safetensors") for _ in range(3)}
+    assert len(fingerprints) == 1 and len(reads) == 4

@@ -67,3 +67,56 @@ def test_an_error_in_the_loader_reaches_history_with_its_message(server):
     result = server.run(api, timeout=300)
     errors = [m[1] for m in result["status"].get("messages", []) if m[0] == "execution_error"]
     assert errors and "start_percent <= end_percent" in errors[0]["exception_message"]
+
+
+def sample_only(api: dict, gate_name: str) -> dict:
+    """The example workflow without its Visualize branch, the Loader reading `gate_name`."""
+    run = {i: n for i, n in api.items() if n["class_type"] != "MaskAttnVisualize"}
+    run = {i: n for i, n in run.items()
+           if not any(isinstance(v, list) and v[0] not in run for v in n["inputs"].values())}
+    for node in run.values():
+        if node["class_type"] == "MaskAttnLoader":
+            node["inputs"]["gate_name"] = gate_name
+    return run
+
+
+def run_and_read(server, api):
+    """(pixels of the saved image or None when it came from the cache, ids of the nodes taken from the cache)."""
+    import numpy as np
+    from PIL import Image
+
+    result = server.run(api, timeout=300)
+    assert result["status"]["status_str"] == "success", result["status"]
+    cached = [m[1]["nodes"] for m in result["status"]["messages"] if m[0] == "execution_cached"]
+    images = [img for out in result["outputs"].values() for img in out.get("images", [])]
+    pixels = np.asarray(Image.open(server.output / images[0]["filename"])) if images else None
+    return pixels, set(cached[0] if cached else [])
+
+
+def test_a_gate_file_overwritten_while_the_server_runs_is_used_at_the_next_queue(server):
+    import os
+
+    import numpy as np
+
+    folder = server.base / "models" / "maskattn"
+    widths = require_sdxl(build_sdxl_model(seed=0))
+    old, new = (GateSet.create(MaskAttnConfig(gate_hidden_dim=16), widths, seed=s) for s in (11, 12))
+    workflow = json.loads((REPO / "example_workflows" / "maskattn_sdxl.json").read_text())
+    api = sample_only(tiny_prompt(to_api_format(workflow, server.get("/object_info")), size=64, steps=2),
+                      "swap.safetensors")
+    (loader_id,) = [i for i, n in api.items() if n["class_type"] == "MaskAttnLoader"]
+    path = save_gate_file(old, folder / "swap.safetensors")
+    stamp = path.stat()
+    old_pixels, _ = run_and_read(server, api)
+    again, cached = run_and_read(server, api)
+    assert loader_id in cached and again is None  # unchanged file: nothing re-runs
+
+    save_gate_file(new, path)  # as train.py --install does; then the old mtime back, as cp -p or rsync would leave it
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert path.stat().st_size == stamp.st_size
+    new_pixels, cached = run_and_read(server, api)
+    assert loader_id not in cached
+    save_gate_file(new, folder / "fresh.safetensors")
+    fresh_pixels, _ = run_and_read(server, sample_only(api, "fresh.safetensors"))
+    assert np.array_equal(new_pixels, fresh_pixels)  # exactly the new gates' output
+    assert not np.array_equal(new_pixels, old_pixels)
