@@ -30,6 +30,10 @@ class PatchConflictError(ValueError):
     """Another node already replaces cross-attention on a layer MaskAttn needs."""
 
 
+class MaskShapeError(RuntimeError):
+    """A later attn2 patch changed what cross-attention sees after the gates were computed."""
+
+
 @dataclass(frozen=True)
 class PatchOptions:
     strength: float = 1.0
@@ -102,6 +106,8 @@ class MaskAttnPatch:
         if mask is None:  # outside the step range: exactly ComfyUI's own path
             return comfy_attention.optimized_attention(q, k, v, heads, attn_precision=precision,
                                                        transformer_options=extra_options)
+        if mask.shape[-1] != k.shape[1] or mask.shape[-2] != q.shape[1] or mask.shape[0] != q.shape[0]:
+            raise MaskShapeError(_mask_shape_message(_layer_key(extra_options), mask, q, k))
         if mask.dtype != q.dtype:
             mask = mask.to(q.dtype)
         if self.recorder is not None:
@@ -161,6 +167,15 @@ class MaskAttnPatch:
                         "or remove the other attention patch.", where)
 
 
+def _mask_shape_message(key, mask, q, k) -> str:
+    where = layer_name(key) if key else "a gated layer"
+    return (f"MaskAttn: at {where} the gates were computed for {mask.shape[0]} x {mask.shape[-2]} locations x "
+            f"{mask.shape[-1]} text tokens, but cross-attention got {q.shape[0]} x {q.shape[1]} x {k.shape[1]}: "
+            "a cross-attention (attn2) patch that runs after MaskAttn's changed the context or the image "
+            "features (e.g. appended tokens). Put MaskAttn Loader after that node in the MODEL chain, so the "
+            "gates see what attention sees.")
+
+
 def _layer_key(extra_options) -> LayerKey | None:
     """The attn2 key of the block call in progress, as ComfyUI's BasicTransformerBlock builds it."""
     block = extra_options.get("block")
@@ -189,10 +204,10 @@ def apply_maskattn(model, gate_set: GateSet, options: PatchOptions = PatchOption
     layer_channels = require_sdxl(model)
     gate_set.check_fits(layer_channels, SDXL_CONTEXT_DIM)
     patched = model.clone()
+    transformer_options = patched.model_options.setdefault("transformer_options", {})
+    _remove_previous_maskattn(transformer_options)  # a second Loader replaces the first, strength 0 included
     if options.strength == 0.0:
         return patched  # the original attention path, no work at all
-    transformer_options = patched.model_options.setdefault("transformer_options", {})
-    _remove_previous_maskattn(transformer_options)
     replaced = transformer_options.get("patches_replace", {}).get("attn2", {})
     for key in gate_set.layers:
         for taken in (tuple(key), tuple(key[:2])):

@@ -189,3 +189,43 @@ def test_a_failed_gate_file_write_leaves_the_previous_file_byte_identical(tiny, 
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["gates.safetensors"]  # no temporary file left behind
     assert save_gate_file(tiny_gates(tiny, seed=2), path).read_bytes() != before
+
+
+def test_a_second_loader_at_strength_zero_gives_the_unpatched_model(tiny):
+    from maskattn_comfy.patch import PatchOptions, find_maskattn_patch
+
+    first = apply_maskattn(tiny, tiny_gates(tiny, seed=1))
+    off = apply_maskattn(first, tiny_gates(tiny, seed=2), PatchOptions(strength=0.0))
+    assert find_maskattn_patch(off) is None and find_maskattn_patch(first) is not None
+    plain = sample(tiny, steps=2)
+    assert torch.equal(sample(off, steps=2), plain)
+    assert not torch.equal(sample(first, steps=2), plain)
+
+
+def append_four_tokens(n, context, value, extra_options):
+    extra = torch.ones(context.shape[0], 4, context.shape[2], dtype=context.dtype)
+    return n, torch.cat([context, extra], 1), torch.cat([value, extra], 1)
+
+
+def test_an_attn2_patch_after_the_loader_that_changes_the_context_is_named_in_the_error(tiny):
+    from maskattn_comfy.patch import MaskShapeError
+
+    patched = apply_maskattn(tiny, tiny_gates(tiny))
+    patched.set_model_attn2_patch(append_four_tokens)
+    with pytest.raises(MaskShapeError, match=r"MaskAttn: at input\.7\.0 the gates were computed for 2 x 16 locations "
+                                             r"x 77 text tokens, but cross-attention got 2 x 16 x 81: .*"
+                                             r"Put MaskAttn Loader after that node"):
+        sample(patched, steps=1)
+    before = tiny.clone()
+    before.set_model_attn2_patch(append_four_tokens)
+    recorder_shapes = []
+
+    class Shapes:
+        def gate(self, key, probabilities, opened, extra_options):
+            recorder_shapes.append(probabilities.shape[-1])
+
+        def attention(self, *args):
+            pass
+
+    assert torch.isfinite(sample(apply_maskattn(before, tiny_gates(tiny), recorder=Shapes()), steps=1)).all()
+    assert set(recorder_shapes) == {81}  # as advised, the Loader after it: the gates see the longer context
