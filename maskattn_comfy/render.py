@@ -6,6 +6,7 @@ chosen map at the latent's aspect ratio, and a colour bar gives the scale.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -268,7 +269,8 @@ def render_grid(rows: list[tuple[str, Tensor]], columns: list[TokenLabel], scale
         draw.text((_PAD, _PAD + line), _fit(draw, grid.note, width - 2 * _PAD, _FONT), fill=_NOTE_COLOUR, font=_FONT)
     for c, token in enumerate(drawn):
         x, y, _, _ = grid.cell_box(0, c)
-        draw.text((x, y - 2 * line), _fit(draw, token.label, cw, _FONT), fill=(0, 0, 0), font=_FONT)
+        text, font = drawable(token.label)
+        draw.text((x, y - 2 * line), _fit(draw, text, cw, font), fill=(0, 0, 0), font=font)
         draw.text((x, y - line), _fit(draw, f"#{token.position}", cw, _FONT), fill=(110, 110, 110), font=_FONT)
     boxes = {}
     photo = None if image is None else _resize(image.movedim(-1, 0), (ch, cw)).movedim(0, -1).clamp(0, 1)
@@ -313,6 +315,39 @@ def _fit(draw, text: str, width: int, font) -> str:
     while text and draw.textlength(text + "…", font=font) > width:
         text = text[:-1]
     return text + "…"
+
+
+# Fonts for labels that Pillow's built-in font (ASCII only) cannot draw, tried in order where installed:
+# Latin, Greek and Cyrillic, then CJK (Linux, macOS, Windows).
+_FALLBACK_FONTS = ("DejaVuSans.ttf", "NotoSansCJK-Regular.ttc", "wqy-microhei.ttc", "PingFang.ttc", "msyh.ttc",
+                   "Arial Unicode.ttf")
+
+
+def drawable(text: str) -> tuple[str, ImageFont.FreeTypeFont]:
+    """`text` and the first font that has all its characters; where none has, each missing character is
+    written as its code point ("U+732B") in the built-in font, never drawn as an empty box."""
+    for font in _label_fonts():
+        if not any(_missing(font, character) for character in text):
+            return text, font
+    return "".join(f"U+{ord(c):04X}" if _missing(_FONT, c) else c for c in text), _FONT
+
+
+@functools.lru_cache(maxsize=1)
+def _label_fonts() -> tuple[ImageFont.FreeTypeFont, ...]:
+    fonts = [_FONT]
+    for name in _FALLBACK_FONTS:
+        try:
+            fonts.append(ImageFont.truetype(name, _FONT.size))
+        except OSError:  # not installed here
+            pass
+    return tuple(fonts)
+
+
+@functools.lru_cache(maxsize=4096)
+def _missing(font: ImageFont.FreeTypeFont, character: str) -> bool:
+    # A character the font lacks is drawn as its .notdef box, the same one a non-character gets.
+    box, notdef = font.getmask(character), font.getmask("\uffff")
+    return box.size == notdef.size and bytes(box) == bytes(notdef)
 
 
 def to_image_tensor(picture: Image.Image) -> Tensor:

@@ -12,7 +12,7 @@ from maskattn_comfy.model_check import require_sdxl
 from maskattn_comfy.patch import apply_maskattn
 from maskattn_comfy.tiny_model import build_sdxl_clip, build_sdxl_model
 from maskattn_comfy.render import MAX_PIXELS, MAX_WIDTH, ColourScale, grid_layout, render_grid
-from maskattn_comfy.tokens import TokenLabel, token_labels
+from maskattn_comfy.tokens import TokenLabel, select_tokens, token_labels
 from maskattn_comfy.visualize import VisualizeOptions, record_maps, visualize_mask
 from maskattn_core import GateHead, GateSet, MaskAttnConfig, layer_name
 
@@ -124,6 +124,44 @@ def test_labels_follow_the_tokenizers_split_with_weights(clip):
     assert [(chunk[label.position][0], chunk[label.position][1]) for label in visible] == \
         [pair for pair in chunk[1:12]]  # the columns are the tokenizer's own positions
     assert [label.text for label in labels if label.special][:3] == ["<start>", "<end>", "<pad>"]
+
+
+def test_words_split_inside_a_character_are_labelled_by_whole_characters_and_words(clip):
+    text = "a 猫 on a straße, naïve 日本語 (猫:1.2)"
+    labels = token_labels(clip, clip.tokenize(text))
+    visible = [label for label in labels if not label.special]
+
+    # CLIP's byte-level BPE splits 猫's three UTF-8 bytes over three tokens, ß's two over two.
+    assert [label.label for label in visible] == ["a", "…", "…", "猫", "on", "a", "stra", "…", "ß", "e", ",", "na", "ï",
+                                                  "ve", "日", "本", "…", "語", "(…:1.2)", "(…:1.2)", "(猫:1.2)"]
+    assert [label.word for label in visible[1:4]] == ["猫"] * 3 and {label.word for label in visible[6:10]} == {"straße"}
+    assert "".join(label.text for label in visible[6:10]) == "straße"  # each character once, where it completes
+    assert select_tokens(labels, "猫") == [[2, 3, 4, 19, 20, 21]]
+    assert select_tokens(labels, "Straße, (日本語:0.5)") == [[7, 8, 9, 10], [15, 16, 17, 18]]
+    assert select_tokens(labels, "ß") == [[9]]  # a single token still matches by its text
+
+
+def test_a_word_of_several_tokens_masks_the_mean_of_its_tokens(unet, clip):
+    text = "a photo of a 猫"
+    tokens = [label.position for label in token_labels(clip, clip.tokenize(text)) if label.word == "猫"]
+    assert len(tokens) == 3
+    # The gate closes the word's last token on the right half and leaves its other two open everywhere.
+    result = visualize_mask(left_half_model(unet, tokens[-1]), clip, text,
+                            {"samples": torch.zeros(1, 4, LATENT_H, LATENT_W)},
+                            VisualizeOptions(noise_levels=1, grouping="all", words="猫"))
+    assert result.mask[:, :, :80].min() > 0.99
+    assert result.mask[:, :, 112:] == pytest.approx(torch.full_like(result.mask[:, :, 112:], 2 / 3), abs=0.01)
+
+
+def test_labels_a_font_cannot_draw_use_another_font_or_code_points():
+    from maskattn_comfy.render import _FONT, _missing, drawable
+
+    assert _missing(_FONT, "ß") and _missing(_FONT, "猫") and not _missing(_FONT, "a") and not _missing(_FONT, "…")
+    assert drawable("cat") == ("cat", _FONT)
+    for word, escaped in (("straße", "straU+00DFe"), ("猫", "U+732B")):
+        text, font = drawable(word)
+        assert (text == word and font is not _FONT and not any(_missing(font, c) for c in word)) or \
+            (text == escaped and font is _FONT)
 
 
 def test_a_prompt_longer_than_77_tokens_labels_every_chunk(pack, unet, clip):
