@@ -82,6 +82,19 @@ def pick_latent(latent: dict, batch_index: int) -> Tensor:
     return samples
 
 
+def pick_photo(image: Tensor, batch_index: int) -> Tensor:
+    """Image `batch_index` (the last one if there are fewer) of an IMAGE as [H, W, 3]: RGBA composited over
+    white (the grid's background), greyscale repeated; any other layout is a ValueError naming it."""
+    if image.ndim != 4 or image.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"the image input must be a ComfyUI IMAGE [batch, height, width, 1, 3 or 4 channels]; "
+                         f"got shape {tuple(image.shape)}")
+    photo = image[min(batch_index, image.shape[0] - 1)].float()
+    if photo.shape[-1] == 4:
+        alpha = photo[..., 3:].clamp(0, 1)
+        return photo[..., :3] * alpha + (1 - alpha)
+    return photo.expand(*photo.shape[:2], 3)
+
+
 def run_noise_levels(model, positive, latent: dict, batch_index: int, seed: int, sigmas: Tensor) -> None:
     """Call `model` (a ModelPatcher) once per sigma on batch item `batch_index` of the LATENT, noised
     with the seed's noise for that item (the noise KSampler would give it); cfg 1, positive only."""
@@ -159,9 +172,7 @@ def visualize_mask(model, clip, text: str, latent: dict, options: VisualizeOptio
     rows = group_rows(layer_maps, options.grouping, latent_size, size=layout.cell)
     scale = scale_for(options.map, torch.stack([values for _, values in rows]))
 
-    photo = None
-    if image is not None:
-        photo = image[min(options.batch_index, image.shape[0] - 1)]
+    photo = None if image is None else pick_photo(image, options.batch_index)
     height, width = photo.shape[:2] if photo is not None else (latent_size[0] * VAE_SCALE, latent_size[1] * VAE_SCALE)
     title = (f"{TITLES[options.map]}  |  {options.noise_levels} noise level(s) from {options.start_percent:.0%} to "
              f"{options.end_percent:.0%} of the schedule  |  latent {latent_size[1]}x{latent_size[0]} "

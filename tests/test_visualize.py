@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import pytest
 import torch
@@ -292,6 +293,41 @@ def test_an_image_input_shows_under_the_map():
     expected = torch.tensor(TOP_COLOUR) * 0.6 + torch.tensor((255, 0, 0)) * 0.4
     assert torch.tensor(plain.getpixel((left + 5, top + 5))).tolist() == list(TOP_COLOUR)
     assert (torch.tensor(over.getpixel((left + 5, top + 5))) - expected).abs().max() <= 1
+
+
+@pytest.mark.parametrize("channels", [4, 1])
+def test_an_rgba_or_greyscale_image_input_shows_under_the_map(unet, clip, channels):
+    text = "a photo of a cat"
+    photo_token = next(label.position for label in token_labels(clip, clip.tokenize(text)) if label.text == "photo")
+    image = torch.zeros(1, LATENT_H * 8, LATENT_W * 8, channels)
+    if channels == 4:  # opaque red on the left, see-through green on the right: white where see-through
+        image[..., :96, 0] = 1.0
+        image[..., 96:, 1] = 1.0
+        image[..., :96, 3] = 1.0
+        left_colour, right_colour = (255, 0, 0), (255, 255, 255)
+    else:  # greyscale: white left, mid-grey right
+        image[..., :96, 0] = 1.0
+        image[..., 96:, 0] = 0.5
+        left_colour, right_colour = (255, 255, 255), (127.5, 127.5, 127.5)
+    result = visualize_mask(left_half_model(unet, photo_token + 3), clip, text,  # "cat" gated, "photo" open
+                            {"samples": torch.zeros(1, 4, LATENT_H, LATENT_W)},
+                            VisualizeOptions(noise_levels=1, grouping="all"), image=image)
+
+    left, top, right, bottom = result.boxes[("all layers", photo_token)]  # gate open everywhere: the top colour
+    cell = (result.image[0, top:bottom, left:right] * 255).round()
+    quarter = (right - left) // 4
+    for part, colour in ((cell[:, :quarter], left_colour), (cell[:, -quarter:], right_colour)):
+        expected = torch.tensor(TOP_COLOUR) * 0.6 + torch.tensor(colour) * 0.4
+        assert (part - expected).abs().max() <= 1.5
+    assert result.mask.shape == (1, LATENT_H * 8, LATENT_W * 8)
+
+
+@pytest.mark.parametrize("shape", [(1, 80, 192, 2), (80, 192, 3)])
+def test_an_image_of_another_layout_is_named(unet, clip, shape):
+    model = apply_maskattn(unet, GateSet.create(MaskAttnConfig(), require_sdxl(unet)))
+    with pytest.raises(ValueError, match=re.escape(f"IMAGE [batch, height, width, 1, 3 or 4 channels]; got shape {shape}")):
+        visualize_mask(model, clip, "a cat", {"samples": torch.zeros(1, 4, LATENT_H, LATENT_W)},
+                       VisualizeOptions(noise_levels=1), image=torch.zeros(shape))
 
 
 def test_layer_grids_follow_the_unets_rounding_without_activations_shape():
