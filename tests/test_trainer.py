@@ -208,6 +208,41 @@ def test_stop_then_resume_gives_the_same_gates_as_one_run(tmp_path, dataset, sha
     assert steps == list(range(1, 9))
 
 
+def test_a_metrics_line_cut_short_by_a_kill_does_not_stop_resume(tmp_path, dataset, shared_cache, reference_run, capsys):
+    code, out = train(tmp_path / "cut", "--steps", 8, "--stop-at", 4, "--save-every", 100, data=dataset,
+                      cache=shared_cache)
+    assert code == 0
+    with open(out / "metrics.jsonl", "a") as metrics:
+        metrics.write('{"step": 5, "loss": 1.27, "lr": 0.0')  # killed mid-write
+    capsys.readouterr()
+    code, _ = train(out, "--steps", 8, "--save-every", 100, "--resume", data=dataset, cache=shared_cache)
+    assert code == 0
+    assert "metrics.jsonl: dropped 1 damaged line(s)" in capsys.readouterr().err
+    assert same_gates(out / "maskattn_demo.safetensors", reference_run)
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+
+
+def test_resume_falls_back_past_a_truncated_newest_checkpoint_and_says_so(tmp_path, dataset, shared_cache,
+                                                                          reference_run, capsys):
+    code, out = train(tmp_path / "damaged", "--steps", 8, "--stop-at", 4, "--save-every", 2, data=dataset,
+                      cache=shared_cache)
+    assert code == 0
+    assert [p.name for p in checkpoints.complete_checkpoints(out)] == ["step-00000002", "step-00000004"]
+    state = out / "checkpoints" / "step-00000004" / "state.pt"
+    state.write_bytes(state.read_bytes()[:1000])  # a copy cut short
+    capsys.readouterr()
+    code, _ = train(out, "--steps", 8, "--save-every", 2, "--resume", data=dataset, cache=shared_cache)
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "checkpoint step-00000004 cannot be read" in err and "resuming from step-00000002" in err
+    assert "resumed from" in err and "step-00000002 at step 2" in err
+    assert same_gates(out / "maskattn_demo.safetensors", reference_run)
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+    checkpoints.load_checkpoint(out / "checkpoints" / "step-00000004")  # written again, whole, on the way
+
+
 def test_validation_writes_samples_and_mask_grids_without_changing_training(tmp_path, dataset, shared_cache,
                                                                           reference_run):
     import numpy
