@@ -190,3 +190,43 @@ def test_metrics_hold_the_gradient_norm_of_each_stage(cached_examples, tmp_path)
     report.close()
     record = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert record["grad_norm_by_stage"] == result.grad_norm_by_stage and record["grad_norm"] == result.grad_norm
+
+
+# -- accumulation and the noise schedule -------------------------------------------------------
+
+def test_accumulated_gradient_is_the_mean_of_the_micro_batches_by_its_norm(cached_examples):
+    # AdamW and clipping hide a constant factor in the gradient; its norm does not.
+    accumulated = make_trainer(cached_examples, grad_accum=2, stage="all").train_step()
+    single = make_trainer(cached_examples, grad_accum=1, stage="all")
+    micro = []
+    for k in (0, 1):  # optimizer step 0 of the accumulating run consumes micro-batches 0 and 1
+        single.optimizer.zero_grad(set_to_none=True)
+        loss, _ = single.micro_step_loss(k)
+        loss.backward()
+        micro.append({name: p.grad.detach().double().clone() for name, p in single.gate_set.named_parameters()})
+    mean = {name: (micro[0][name] + micro[1][name]) / 2 for name in micro[0]}
+    by_hand = math.sqrt(sum(float(g.norm()) ** 2 for g in mean.values()))
+    by_stage = {stage: math.sqrt(sum(float(g.norm()) ** 2 for name, g in mean.items() if name.startswith(f"heads.{stage}.")))
+                for stage in ("high", "mid", "low")}
+    assert accumulated.grad_norm == pytest.approx(by_hand, rel=1e-5)
+    assert accumulated.grad_norm_by_stage == pytest.approx(by_stage, rel=1e-5)
+    # Not the sum, not either micro-batch alone.
+    one = [math.sqrt(sum(float(g.norm()) ** 2 for g in m.values())) for m in micro]
+    assert all(abs(n / by_hand - 1) > 1e-2 for n in one) and by_hand < 0.99 * (one[0] + one[1])
+
+
+def test_the_timestep_draw_covers_both_ends_of_the_schedule_uniformly(cached_examples):
+    trainer = make_trainer(cached_examples)
+    sigmas = trainer.patched.model.model_sampling.sigmas.float()
+    draws = 20_000
+    indices = []
+    for micro_step in range(draws):
+        _, sigma = trainer.sample_noise(micro_step, (1,), 1)
+        indices.append(int(torch.argmin((sigmas - sigma[0]).abs())))
+    indices = torch.tensor(indices)
+    assert len(sigmas) == 1000
+    assert int(indices.min()) == 0 and int(indices.max()) == 999  # P(missing an end) = (1 - 1/1000)^20000 = 2e-9
+    # Uniform: the mean within 5 standard errors of 499.5, each tenth of the schedule within 5 sigma of 2000.
+    assert abs(float(indices.double().mean()) - 499.5) < 5 * 288.7 / math.sqrt(draws)
+    counts = torch.bincount(indices // 100, minlength=10)
+    assert int((counts - draws / 10).abs().max()) < 5 * math.sqrt(draws * 0.1 * 0.9)
