@@ -143,8 +143,8 @@ def load_checkpoint(name: str, precision: str, cache_dir: Path) -> BaseModel:
 def unet_dtype(precision: str) -> torch.dtype | None:
     """The frozen UNet's dtype; "auto": bfloat16 on GPUs that have it, else float32 (None: ComfyUI's choice on the CPU).
 
-    Not float16 by default: the straight-through gradients through the -10000 mask reach
-    magnitudes far beyond float16's range (65504), so float16 backward passes overflow.
+    Not float16 by default: its range (65504) is narrow for a backward pass whose straight-through
+    factor alone is |negative_value| = 1e4 (trainer/README.md, "Gradients"); bfloat16 has float32's range.
     """
     if precision != "auto":
         return PRECISIONS[precision]
