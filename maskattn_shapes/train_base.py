@@ -1,0 +1,215 @@
+"""Train the Shapes base UNet from scratch on the world's pictures (the text encoder and codec are fixed).
+
+    python -m maskattn_shapes.train_base --out output/shapes_base            # CPU defaults, resumable
+    python -m maskattn_shapes.train_base --out output/shapes_base --resume   # continue after a stop
+    python -m maskattn_shapes.train_base --device cuda --steps 12000 --batch 128 --scenes 40000
+
+Ordinary v-prediction diffusion training on SDXL's discrete schedule, 10 % of captions dropped
+for classifier-free guidance, an EMA of the weights; the EMA is what is written, 8-bit, to
+--weights (default: the committed maskattn_shapes/weights/shapes_base.safetensors).
+Latents and text encodings are computed once per run (each distinct caption once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import signal
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="output/shapes_base", help="checkpoints and the training log")
+    p.add_argument("--weights", default=None, help="where the trained EMA UNet is written (default: the committed file)")
+    p.add_argument("--scenes", type=int, default=12000, help="training pictures drawn from the world")
+    p.add_argument("--world-seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=2500)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--uncond", type=float, default=0.1, help="share of captions dropped for classifier-free guidance")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--save-every", type=int, default=250)
+    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    p.add_argument("--minutes", type=float, default=0,
+                   help="a time budget: the schedule runs to --steps or to this many minutes of training, "
+                        "whichever comes first, then the weights are written (0: no limit)")
+    return p.parse_args(argv)
+
+
+CHUNK = 2000
+
+
+def _scene_chunk(args: tuple[int, int]):
+    from maskattn_shapes.world import training_scenes
+
+    seed, count = args
+    return training_scenes(count, seed)
+
+
+def draw_scenes(n: int, world_seed: int, pool) -> list:
+    """`n` training scenes in chunks of 2000, chunk k drawn with seed world_seed * 1000 + k (in parallel)."""
+    jobs = [(world_seed * 1000 + k, min(CHUNK, n - k * CHUNK)) for k in range(-(-n // CHUNK))]
+    return [scene for chunk in pool.map(_scene_chunk, jobs) for scene in chunk]
+
+
+def encode_world(scenes, clip, codec, device, pool):
+    """-> latents [N,4,16,16] (scaled as the model sees them), caption ids [N], contexts [U,77,2048]
+    and pooled [U,1280] for the U distinct captions plus the empty caption (last row)."""
+    from maskattn_shapes.model import LATENT_SCALE, encode_captions
+    from maskattn_shapes.world import render
+
+    latents = []
+    pictures = list(pool.map(render, scenes, chunksize=256))
+    for start in range(0, len(scenes), 256):
+        pixels = torch.stack([torch.from_numpy(np.array(p, dtype=np.float32)) for p in pictures[start:start + 256]])
+        latents.append(codec.encode(pixels.movedim(-1, 1) / 127.5 - 1.0) * LATENT_SCALE)
+    captions = sorted({s.caption for s in scenes})
+    index = {c: i for i, c in enumerate(captions)}
+    contexts, pooled = [], []
+    texts = captions + [""]
+    for start in range(0, len(texts), 64):
+        context, pool = encode_captions(clip, texts[start:start + 64])
+        contexts.append(context.to(device, torch.float16))
+        pooled.append(pool.to(device, torch.float16))
+    ids = torch.tensor([index[s.caption] for s in scenes])
+    return (torch.cat(latents).to(device), ids.to(device), torch.cat(contexts).to(device), torch.cat(pooled).to(device))
+
+
+def lr_at(step: int, progress: float, args) -> float:
+    """Linear warm-up over --warmup steps, then cosine to zero as `progress` goes to 1."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    return args.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from maskattn_comfy import host
+
+    host.boot(cpu=args.device == "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from maskattn_shapes import model as shapes
+    device = torch.device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = Path(args.weights) if args.weights else shapes.WEIGHTS
+    started = time.time()
+
+    patcher = shapes.shapes_unet(seed=args.seed)
+    model = patcher.model
+    unet = model.diffusion_model.to(device).train()
+    ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.01)
+    alphas_cumprod = (1.0 / (1.0 + model.model_sampling.sigmas.float() ** 2)).to(device)
+    size_embedding = model.encode_adm(pooled_output=torch.zeros(1, 1280), width=shapes.IMAGE_SIZE,
+                                      height=shapes.IMAGE_SIZE)[:, 1280:].to(device)
+
+    print(f"[shapes] drawing {args.scenes} scenes and encoding them", flush=True)
+    with ProcessPoolExecutor(max(1, min(16, (os.cpu_count() or 2) - 1))) as pool:
+        scenes = draw_scenes(args.scenes, args.world_seed, pool)
+        latents, caption_ids, contexts, pooled = encode_world(scenes, shapes.shapes_clip(), shapes.ShapesCodec(), device, pool)
+    empty_id = contexts.shape[0] - 1
+    print(f"[shapes] {len(scenes)} pictures, {empty_id} distinct captions, {time.time() - started:.0f} s", flush=True)
+
+    step, log = 0, []
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    checkpoint = out / "checkpoint.pt"
+    if args.resume and checkpoint.is_file():
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        unet.load_state_dict(state["unet"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"].cpu() if device.type == "cpu" else state["generator"])
+        step = int(state["step"])
+        print(f"[shapes] resumed at step {step}", flush=True)
+
+    stop = {"asked": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(asked=True))
+
+    def checkpoint_now():
+        save_checkpoint(checkpoint, {"unet": unet.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                                     "generator": generator.get_state(), "step": step})
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    loss_avg, tick, training_started = None, time.time(), time.time()
+
+    def progress() -> float:
+        by_time = (time.time() - training_started) / (args.minutes * 60) if args.minutes else 0.0
+        return max(step / args.steps, by_time)
+
+    try:
+        while progress() < 1.0:
+            idx = torch.randint(0, latents.shape[0], (args.batch,), device=device, generator=generator)
+            x0 = latents[idx]
+            ids = caption_ids[idx]
+            drop = torch.rand(args.batch, device=device, generator=generator) < args.uncond
+            ids = torch.where(drop, torch.full_like(ids, empty_id), ids)
+            context = contexts[ids].float()
+            y = torch.cat([pooled[ids].float(), size_embedding.expand(args.batch, -1)], dim=1)
+            t = torch.randint(0, alphas_cumprod.shape[0], (args.batch,), device=device, generator=generator)
+            a = alphas_cumprod[t].view(-1, 1, 1, 1)
+            noise = torch.randn(x0.shape, device=device, generator=generator)
+            x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+            v = a.sqrt() * noise - (1 - a).sqrt() * x0
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, progress(), args)
+            with autocast:
+                prediction = unet(x_t, timesteps=t.float(), context=context, y=y)
+            loss = torch.nn.functional.mse_loss(prediction.float(), v)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            optimizer.step()
+            with torch.no_grad():
+                for e, p in zip(ema.parameters(), unet.parameters()):
+                    e.lerp_(p, 1 - args.ema)
+            step += 1
+            loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
+            if step % 50 == 0:
+                rate = 50 / (time.time() - tick)
+                tick = time.time()
+                log.append({"step": step, "loss": loss_avg, "lr": optimizer.param_groups[0]["lr"], "steps_per_s": rate})
+                print(f"[shapes] step {step} ({progress():.0%}) loss {loss_avg:.4f} {rate:.2f} steps/s", flush=True)
+            if step % args.save_every == 0 or stop["asked"]:
+                checkpoint_now()
+            if stop["asked"]:
+                print(f"[shapes] stopped at step {step} with a checkpoint; --resume continues", flush=True)
+                return
+    except KeyboardInterrupt:
+        checkpoint_now()
+        print(f"[shapes] interrupted at step {step}; checkpoint written, --resume continues", flush=True)
+        return
+    checkpoint_now()
+    with (out / "train_log.jsonl").open("a") as handle:
+        for row in log:
+            handle.write(json.dumps(row) + "\n")
+    provenance = {"steps": step, "batch": args.batch, "lr": args.lr, "ema": args.ema, "scenes": args.scenes,
+                  "world_seed": args.world_seed, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                  "minutes": round((time.time() - started) / 60, 1), "final_loss": loss_avg}
+    shapes.save_base(weights, {k: v.float().cpu() for k, v in ema.state_dict().items()}, provenance)
+    print(f"[shapes] wrote {weights} ({weights.stat().st_size / 2**20:.1f} MiB): {json.dumps(provenance)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
