@@ -238,6 +238,7 @@ def test_resume_falls_back_past_a_truncated_newest_checkpoint_and_says_so(tmp_pa
     assert code == 0, err
     assert "checkpoint step-00000004 cannot be read" in err and "resuming from step-00000002" in err
     assert "resumed from" in err and "step-00000002 at step 2" in err
+    assert "set the unreadable checkpoint aside" in err and (out / "checkpoints" / "step-00000004.damaged").is_dir()
     assert same_gates(out / "maskattn_demo.safetensors", reference_run)
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9))

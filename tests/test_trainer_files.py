@@ -114,18 +114,32 @@ def test_resume_passes_over_an_unreadable_newest_checkpoint_and_says_so(tmp_path
     state = (newest / "state.pt").read_bytes()
     (newest / "state.pt").write_bytes(state[: len(state) // 3])  # a truncated copy
     said = []
-    path, _, loaded = checkpoints.load_newest_readable(tmp_path, said.append)
-    assert path.name == "step-00000002" and loaded["step"] == 2
+    path, _, loaded, damaged = checkpoints.load_newest_readable(tmp_path, said.append)
+    assert path.name == "step-00000002" and loaded["step"] == 2 and damaged == [newest]
     assert len(said) == 2 and "step-00000003 cannot be read" in said[0] and "resuming from step-00000002" in said[1]
 
     gates = tmp_path / "checkpoints" / "step-00000002" / "gates.safetensors"
     gates.write_bytes(gates.read_bytes()[:100])
-    path, _, loaded = checkpoints.load_newest_readable(tmp_path, said.append)
-    assert path.name == "step-00000001" and loaded["step"] == 1
+    path, _, loaded, damaged = checkpoints.load_newest_readable(tmp_path, said.append)
+    assert path.name == "step-00000001" and loaded["step"] == 1 and len(damaged) == 2
     (tmp_path / "checkpoints" / "step-00000001" / "state.pt").write_bytes(b"")
     with pytest.raises(checkpoints.CheckpointError, match="none of the 3 checkpoints .* can be read"):
         checkpoints.load_newest_readable(tmp_path, said.append)
     assert checkpoints.load_newest_readable(tmp_path / "elsewhere", said.append) is None
+
+
+def test_an_unreadable_checkpoint_set_aside_is_neither_resumed_nor_kept_in_place_of_good_ones(tmp_path, gate_set):
+    for step in (1, 2, 3):
+        checkpoints.save_checkpoint(tmp_path, step, gate_set, {"step": step}, keep_last=3)
+    newest = tmp_path / "checkpoints" / "step-00000003"
+    (newest / "state.pt").write_bytes(b"")
+    *_, damaged = checkpoints.load_newest_readable(tmp_path, lambda message: None)
+    checkpoints.set_aside(damaged, lambda message: None)
+    assert (tmp_path / "checkpoints" / "step-00000003.damaged" / "gates.safetensors").is_file()
+    # Training goes on from step 1 with --keep-last 1: step 2's checkpoint must be the one kept.
+    checkpoints.save_checkpoint(tmp_path, 2, gate_set, {"step": 2}, keep_last=1)
+    assert [p.name for p in checkpoints.complete_checkpoints(tmp_path)] == ["step-00000002"]
+    assert checkpoints.load_newest_readable(tmp_path, lambda message: None)[0].name == "step-00000002"
 
 
 # -- permissions -----------------------------------------------------------------------------------

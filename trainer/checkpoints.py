@@ -109,11 +109,10 @@ def save_checkpoint(output: Path, step: int, gate_set: GateSet, training_state: 
     except Exception as error:  # OSError, or what torch (RuntimeError) and safetensors make of a full disk
         last = latest_checkpoint(output)
         safe = f"the last good checkpoint {last} is intact" if last else "no earlier checkpoint exists"
-        why = getattr(error, "strerror", None) or str(error).strip().splitlines()[-1:] or [type(error).__name__]
-        raise CheckpointError(f"could not write the checkpoint for step {step} in {root}: "
-                              f"{why if isinstance(why, str) else why[0]} ({type(error).__name__}); {safe}. "
-                              "Free some space (or fix the folder's permissions) and run again with --resume"
-                              ) from error
+        why = getattr(error, "strerror", None) or str(error).strip() or "no reason given"
+        raise CheckpointError(f"could not write the checkpoint for step {step} in {root}: {why} "
+                              f"({type(error).__name__}); {safe}. Free some space (or fix the folder's "
+                              "permissions) and run again with --resume") from error
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -159,25 +158,36 @@ def load_checkpoint(path: Path) -> tuple[GateSet, dict]:
     return gate_set, state
 
 
-def load_newest_readable(output: Path, say=print) -> tuple[Path, GateSet, dict] | None:
-    """The newest complete checkpoint that reads; a damaged newer one (a truncated file) is reported
-    through `say` and passed over for the one before it. None when there is no checkpoint at all;
-    CheckpointError when there are some and none reads."""
+def load_newest_readable(output: Path, say=print) -> tuple[Path, GateSet, dict, list[Path]] | None:
+    """(path, gates, state, the damaged newer ones) of the newest complete checkpoint that reads; a
+    damaged newer one (a truncated file) is reported through `say` and passed over for the one before
+    it. None when there is no checkpoint at all; CheckpointError when there are some and none reads."""
     found = complete_checkpoints(output)
+    damaged: list[Path] = []
     problems = []
     for path in reversed(found):
         try:
             gate_set, state = load_checkpoint(path)
         except CheckpointError as error:
             problems.append(str(error.__cause__ or error))
+            damaged.append(path)
             say(f"--resume: checkpoint {path.name} cannot be read ({error.__cause__ or error}); "
                 "trying the one before it")
             continue
-        if problems:
-            say(f"--resume: resuming from {path.name}, the newest checkpoint that reads; the damaged newer "
-                "one(s) stay on disk until training writes their steps again")
-        return path, gate_set, state
+        if damaged:
+            say(f"--resume: resuming from {path.name}, the newest checkpoint that reads")
+        return path, gate_set, state, damaged
     if found:
         raise CheckpointError(f"none of the {len(found)} checkpoints in {checkpoint_dir(output)} can be read "
                               f"({'; '.join(problems)}); start a new run without --resume or in a new --output")
     return None
+
+
+def set_aside(damaged: list[Path], say=print) -> None:
+    """Rename unreadable checkpoints to `step-N.damaged`: kept for inspection, no longer counted by --keep-last
+    (which could otherwise prune the good ones and keep them) or found by --resume."""
+    for path in damaged:
+        target = path.with_name(path.name + ".damaged")
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(path, target)
+        say(f"--resume: set the unreadable checkpoint aside as {target}")

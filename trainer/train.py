@@ -96,7 +96,7 @@ def train(config: TrainConfig, world: World) -> int:
     from maskattn_comfy.patch import apply_maskattn
     from maskattn_core import GateSet, save_gate_file
     from trainer.base_model import freeze, load_checkpoint as load_base
-    from trainer.checkpoints import load_newest_readable, save_checkpoint, set_rng_state
+    from trainer.checkpoints import load_newest_readable, save_checkpoint, set_aside, set_rng_state
     from trainer.loop import GateTrainer, enable_gradient_checkpointing
     from trainer.report import Report, SilentReport
 
@@ -124,7 +124,10 @@ def train(config: TrainConfig, world: World) -> int:
     if config.resume and found is None:
         say(world, f"--resume: no complete checkpoint in {output / 'checkpoints'}; starting at step 0")
     if found is not None:
-        resume_from, gate_set, state = found
+        resume_from, gate_set, state, damaged = found
+        world.barrier()  # every rank has read it before rank 0 moves anything
+        if damaged and world.is_main:
+            set_aside(damaged, lambda message: say(world, message))
         check_resumable(config, state["config"], resume_from)
         gate_set.provenance = provenance
     else:
