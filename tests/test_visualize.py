@@ -10,15 +10,24 @@ import pytest
 import torch
 
 from maskattn_comfy.model_check import require_sdxl
-from maskattn_comfy.patch import apply_maskattn
+from maskattn_comfy.patch import PatchOptions, apply_maskattn
+from maskattn_comfy.recording import ATTENTION_MAPS, MapRecorder
 from maskattn_comfy.tiny_model import build_sdxl_clip, build_sdxl_model
-from maskattn_comfy.render import MAX_PIXELS, MAX_WIDTH, ColourScale, grid_layout, render_grid
+from maskattn_comfy.render import MAX_PIXELS, MAX_WIDTH, ColourScale, grid_layout, group_rows, render_grid
 from maskattn_comfy.tokens import TokenLabel, select_tokens, token_labels
 from maskattn_comfy.visualize import VisualizeOptions, record_maps, visualize_mask
-from maskattn_core import GateHead, GateSet, MaskAttnConfig, layer_name
+from maskattn_core import GateHead, GateSet, LayerKey, MaskAttnConfig, layer_name
 
 LATENT_H, LATENT_W = 10, 24  # 80x192 pixels; the UNet's levels are 10x24, 5x12 and 3x6 (10/4 rounds up)
 TOP_COLOUR, BOTTOM_COLOUR = (253, 231, 37), (68, 1, 84)  # the sequential colour map's ends
+
+
+def left_half(locations: int) -> torch.Tensor:
+    """[N] 1.0 where a location of the UNet level with `locations` positions lies in the latent's left half."""
+    level = next(l for l in range(4) if math.ceil(LATENT_H / 2 ** l) * math.ceil(LATENT_W / 2 ** l) == locations)
+    h, w = math.ceil(LATENT_H / 2 ** level), math.ceil(LATENT_W / 2 ** level)
+    centre = (torch.arange(w) + 0.5) * 2 ** level  # each column's centre in latent pixels
+    return (centre < LATENT_W / 2).float().repeat(h)  # row-major, as the transformer flattens
 
 
 class LeftHalfGate(GateHead):
@@ -29,13 +38,8 @@ class LeftHalfGate(GateHead):
         self.token = token
 
     def logits(self, x, context, token_features=None):
-        locations = x.shape[1]
-        level = next(l for l in range(4) if math.ceil(LATENT_H / 2 ** l) * math.ceil(LATENT_W / 2 ** l) == locations)
-        h, w = math.ceil(LATENT_H / 2 ** level), math.ceil(LATENT_W / 2 ** level)
-        centre = (torch.arange(w) + 0.5) * 2 ** level  # each column's centre in latent pixels
-        left = (centre < LATENT_W / 2).float().repeat(h)  # row-major, as the transformer flattens
-        logits = torch.full((x.shape[0], locations, context.shape[1]), 8.0)
-        logits[:, :, self.token] = 16.0 * left - 8.0
+        logits = torch.full((x.shape[0], x.shape[1], context.shape[1]), 8.0)
+        logits[:, :, self.token] = 16.0 * left_half(x.shape[1]) - 8.0
         return logits
 
 
@@ -60,12 +64,57 @@ def temp_folder(tmp_path):
     folder_paths.set_temp_directory(saved)
 
 
-def left_half_model(unet, token: int):
+def left_half_model(unet, token: int, options: PatchOptions = PatchOptions(), recorder=None):
     channels = require_sdxl(unet)
     layers = GateSet.create(MaskAttnConfig(stage="all", share_heads_by_stage=False), channels).layers
     heads = {layer_name(key).replace(".", "_"): LeftHalfGate(channels[key], token) for key in layers}
     gates = GateSet(MaskAttnConfig(stage="all"), heads, {layer_name(key): layer_name(key).replace(".", "_") for key in layers})
-    return apply_maskattn(unet, gates)
+    return apply_maskattn(unet, gates, options, recorder=recorder)
+
+
+class Attn2Spy:
+    """Forward hooks on every attn2's to_q and to_k of a ComfyUI UNet, and on the UNet's input: what the
+    layers really computed, read beside MaskAttn's own path."""
+
+    def __init__(self, unet):
+        diffusion_model = unet.model.diffusion_model
+        self.modules, self.calls, self.inputs, self._hooks = {}, {}, [], []
+        for name, blocks in (("input", diffusion_model.input_blocks), ("middle", [diffusion_model.middle_block]),
+                             ("output", diffusion_model.output_blocks)):
+            for number, block in enumerate(blocks):
+                for layer in block:
+                    for index, transformer in enumerate(getattr(layer, "transformer_blocks", [])):
+                        self.modules[LayerKey(name, number, index)] = transformer.attn2
+        for key, attn2 in self.modules.items():
+            calls = self.calls.setdefault(key, [])
+            self._hooks.append(attn2.to_q.register_forward_hook(lambda m, i, out, calls=calls: calls.append([out.detach()])))
+            self._hooks.append(attn2.to_k.register_forward_hook(lambda m, i, out, calls=calls: calls[-1].append(out.detach())))
+        self._hooks.append(diffusion_model.register_forward_pre_hook(lambda m, args: self.inputs.append(args[0].detach())))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for hook in self._hooks:
+            hook.remove()
+
+
+def attention_by_hand(q, k, heads, closed_penalty=None, closed=None):
+    """softmax(q_h k_h^T / sqrt(d) + penalty where closed) per head, averaged over heads and rows: [N, T]."""
+    rows, locations, width = q.shape
+    d = width // heads
+    logits = torch.einsum("rnhd,rthd->rhnt", q.reshape(rows, locations, heads, d).double(),
+                          k.reshape(rows, -1, heads, d).double()) / math.sqrt(d)
+    if closed is not None:
+        logits = logits + closed_penalty * closed.double()
+    return logits.softmax(-1).mean((0, 1))
+
+
+def closed_by_left_half_gate(locations: int, tokens: int, token: int) -> torch.Tensor:
+    """[N, T]: True where LeftHalfGate closes a connection (its token, right half)."""
+    closed = torch.zeros(locations, tokens, dtype=torch.bool)
+    closed[:, token] = left_half(locations) == 0
+    return closed
 
 
 def run_node(pack, model, clip, text, latent=None, **inputs):
@@ -110,6 +159,131 @@ def test_each_layer_map_has_its_levels_real_sides(pack, unet, clip):
         assert m["attention_masked"].sum(0) == pytest.approx(torch.ones(m["attention_masked"].shape[-2:]), abs=1e-4)
         right = m["attention_masked"][cat, :, -1]
         assert right.max() < 1e-3
+
+
+def test_batch_index_maps_its_own_latent_item_with_its_own_noise_and_the_layers_real_attention(unet, clip):
+    text = "a photo of a cat"
+    cat = next(label.position for label in token_labels(clip, clip.tokenize(text)) if label.text == "cat")
+    strength, seed = 0.6, 3
+    model = left_half_model(unet, cat, PatchOptions(strength=strength))
+    generator = torch.Generator().manual_seed(1)
+    item, other = 8 * torch.randn(2, 4, LATENT_H, LATENT_W, generator=generator)
+    options = VisualizeOptions(seed=seed, noise_levels=2, map="attention_masked", batch_index=1)
+
+    with Attn2Spy(unet) as spy:
+        result = visualize_mask(model, clip, text, {"samples": torch.stack([torch.zeros_like(item), item])}, options)
+    # Each noise level saw item 1 noised with item 1's share of the seed's batch noise, as KSampler gives it.
+    noise = torch.randn([2, 4, LATENT_H, LATENT_W], generator=torch.manual_seed(seed))[1]
+    sampling = unet.get_model_object("model_sampling")
+    sigmas = [sampling.percent_to_sigma(p) for p in (0.2, 0.8)]  # start and end percent, noisiest first
+    assert len(spy.inputs) == 2
+    for x, sigma in zip(spy.inputs, sigmas):  # the UNet's input: (latent in the model's scale + sigma noise) * c_in
+        expected = (unet.model.process_latent_in(item) + sigma * noise) / (sigma ** 2 + 1) ** 0.5
+        assert x.shape[0] == 1 and (x[0] - expected).abs().max() < 1e-5
+    # Each layer's map is the softmax of the layer's own q and k, with the gate's penalty log(1 - 0.6) where closed.
+    drawn = [label.position for label in result.columns]
+    assert set(result.layer_maps) == set(spy.modules)  # stage "all": every attn2 layer is gated and mapped
+    for key, layer_map in result.layer_maps.items():
+        calls = spy.calls[key]
+        assert len(calls) == 2
+        heads = spy.modules[key].heads
+        expected = torch.stack([attention_by_hand(q, k, heads, math.log(1 - strength),
+                                                  closed_by_left_half_gate(q.shape[1], k.shape[1], cat))
+                                for q, k in calls]).mean(0)
+        recorded = layer_map.reshape(len(drawn), -1).T  # [C, h, w] -> [N, C]
+        assert recorded.double() == pytest.approx(expected[:, drawn], abs=2e-6, rel=1e-4)
+    # The other item must not leak in: another item 0 gives the same maps, and item 0 its own.
+    again = visualize_mask(model, clip, text, {"samples": torch.stack([other, item])}, options)
+    first = visualize_mask(model, clip, text, {"samples": torch.stack([item, item])},
+                           VisualizeOptions(seed=seed, noise_levels=2, map="attention_masked", batch_index=0))
+    for key in result.layer_maps:
+        assert torch.equal(again.layer_maps[key], result.layer_maps[key])
+        assert (first.layer_maps[key] - result.layer_maps[key]).abs().max() > 1e-6  # noise[0], not noise[1]
+
+
+def test_only_the_positive_rows_are_recorded_in_a_real_cfg_batch(unet, clip):
+    import comfy.sample
+
+    text = "a photo of a cat"
+    cat = next(label.position for label in token_labels(clip, clip.tokenize(text)) if label.text == "cat")
+    recorder = MapRecorder(ATTENTION_MAPS)
+    model = left_half_model(unet, cat, PatchOptions(strength=0.75), recorder=recorder)
+    positive = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+    negative = clip.encode_from_tokens_scheduled(clip.tokenize("blurry, ugly, watermark"))
+    latent = torch.zeros(1, 4, LATENT_H, LATENT_W)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
+    with Attn2Spy(unet) as spy:
+        comfy.sample.sample(model, noise, 1, 5.0, "euler", "normal", positive, negative, latent, seed=0,
+                            disable_pbar=True)
+
+    batched = 0
+    for key, maps in recorder.maps().items():
+        attn2 = spy.modules[key]
+        with torch.no_grad():
+            positive_k = attn2.to_k(positive[0][0])[0]
+        expected_masked, expected_plain = [], []
+        for q, k in spy.calls[key]:
+            rows = [r for r in range(k.shape[0]) if torch.allclose(k[r], positive_k)]  # found by content
+            batched += k.shape[0] > 1 and bool(rows)
+            if not rows:
+                continue
+            closed = closed_by_left_half_gate(q.shape[1], k.shape[1], cat)
+            expected_masked.append(attention_by_hand(q[rows], k[rows], attn2.heads, math.log(0.25), closed))
+            expected_plain.append(attention_by_hand(q[rows], k[rows], attn2.heads))
+        tokens = maps["attention_masked"].shape[0]
+        assert maps["attention_masked"].reshape(tokens, -1).T.double() == \
+            pytest.approx(torch.stack(expected_masked).mean(0), abs=2e-6, rel=1e-4)
+        assert maps["attention_unmasked"].reshape(tokens, -1).T.double() == \
+            pytest.approx(torch.stack(expected_plain).mean(0), abs=2e-6, rel=1e-4)
+    assert batched, "cond and uncond ran in one batch, so the rows had to be told apart"
+
+
+@pytest.mark.parametrize("layout, batch, positive", [
+    ([1, 0], 4, [2, 3]), ([0, 1], 4, [0, 1]), ([1, 0, 2], 3, [1]), ([1, 2, 0], 6, [4, 5]), (None, 2, [0, 1]),
+])
+def test_the_recorder_keeps_the_rows_of_the_positive_chunks(layout, batch, positive):
+    recorder = MapRecorder(("probability", "hard"))
+    probabilities = torch.arange(batch, dtype=torch.float32).reshape(batch, 1, 1).expand(batch, 6, 3) / 10
+    extra = {"original_shape": [batch, 4, 2, 3]}
+    if layout is not None:
+        extra["cond_or_uncond"] = layout
+    recorder.gate(LayerKey("input", 4, 0), probabilities, probabilities > 0.25, extra)
+    maps = recorder.maps()[LayerKey("input", 4, 0)]
+    assert maps["probability"] == pytest.approx(torch.full((3, 2, 3), sum(positive) / 10 / len(positive)))
+    assert maps["hard"] == pytest.approx(torch.full((3, 2, 3), sum(r > 2.5 for r in positive) / len(positive)))
+
+
+def test_a_recorded_map_keeps_each_location_in_place():
+    # 2x3 locations, 4 tokens: value = 10 * location + token, so a transposed or mis-flattened map shows.
+    recorder = MapRecorder(("probability",), token_groups=[[3], [0, 2]])
+    values = (10 * torch.arange(6).reshape(1, 6, 1) + torch.arange(4)).float()
+    recorder.gate(LayerKey("middle", 0, 0), values, values > 0, {"original_shape": [1, 4, 2, 3]})
+    recorded = recorder.maps()[LayerKey("middle", 0, 0)]["probability"]
+    assert recorded.tolist() == [[[3, 13, 23], [33, 43, 53]], [[1, 11, 21], [31, 41, 51]]]
+
+
+@pytest.mark.parametrize("grouping, expected_rows", [
+    ("all", {"all layers": ["input.4.0", "input.7.1", "output.8.0"]}),
+    ("block", {"input 4": ["input.4.0"], "input 7": ["input.7.1"], "output 8": ["output.8.0"]}),
+    ("stage", {"high stage": ["input.4.0"], "mid stage": ["input.7.1"], "other stage": ["output.8.0"]}),
+])
+def test_a_row_is_the_mean_of_its_layers_each_cell_read_where_it_lies(grouping, expected_rows):
+    # Three layers at three UNet levels of a 10x24 latent (10x24, 5x12, 3x6), two token columns.
+    generator = torch.Generator().manual_seed(0)
+    maps = {LayerKey("input", 4, 0): torch.rand(2, 10, 24, generator=generator),
+            LayerKey("input", 7, 1): torch.rand(2, 5, 12, generator=generator),
+            LayerKey("output", 8, 0): torch.rand(2, 3, 6, generator=generator)}
+    level = {10: 0, 5: 1, 3: 2}
+    by_name = {layer_name(key): value for key, value in maps.items()}
+
+    rows = group_rows(maps, grouping, (LATENT_H, LATENT_W))
+    assert [label for label, _ in rows] == list(expected_rows)
+    for label, values in rows:
+        names = expected_rows[label]
+        for y, x in ((0, 0), (9, 23), (4, 11), (7, 17), (9, 0)):
+            by_hand = sum(float(by_name[n][1, y // 2 ** level[by_name[n].shape[1]], x // 2 ** level[by_name[n].shape[1]]])
+                          for n in names) / len(names)
+            assert float(values[1, y, x]) == pytest.approx(by_hand, abs=1e-6)
 
 
 def test_labels_follow_the_tokenizers_split_with_weights(clip):
