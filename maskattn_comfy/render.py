@@ -213,9 +213,9 @@ def grid_layout(labels: list[str], columns: int, latent_size: tuple[int, int], l
     def layout(side: int, per_band: int, shown: int) -> GridLayout:
         note = ""
         if shown < total:
+            fewer_rows = "fewer rows (grouping 'stage' or 'all') leave room for more; " if rows > 1 else ""
             note = (f"{total - shown} of {total} tokens left out (first {shown} drawn) to keep the grid under "
-                    f"{MAX_PIXELS / 1e6:g} megapixels: grouping 'stage' or 'all' leaves room for more; "
-                    f"the MASK output maps any word given in words")
+                    f"{MAX_PIXELS / 1e6:g} megapixels: {fewer_rows}the MASK output maps any word given in words")
         return GridLayout(cell_size(latent_size, side), max(1, per_band), shown, total, rows, label_width, note)
 
     def widest_band(side: int) -> int:

@@ -42,17 +42,21 @@ class MaskAttnVisualize(io.ComfyNode):
                 io.Combo.Input("grouping", options=list(GROUPINGS), default="block",
                                tooltip="One row per gated layer, per ComfyUI block, per stage, or all averaged."),
                 io.String.Input("words", default="",
-                                tooltip="Word(s) for the MASK output, comma-separated: each word's tokens are "
+                                tooltip="Word(s) of the prompt for the MASK output, comma-separated, any script "
+                                        "(猫, straße), also words the grid had no room for: each word's tokens are "
                                         "averaged and the words combined by maximum. Empty: all words averaged."),
                 io.Int.Input("batch_index", default=0, min=0, max=4095,
                              tooltip="Which image of a LATENT batch to map."),
                 io.Boolean.Input("show_special_tokens", default=False,
                                  tooltip="Also draw the start, end and padding tokens."),
                 io.Image.Input("image", optional=True,
-                               tooltip="Draw the maps over this image (e.g. the decoded sample)."),
+                               tooltip="Draw the maps over this image (e.g. the decoded sample); RGBA is composited "
+                                       "over white."),
             ],
             outputs=[
-                io.Image.Output(display_name="grid", tooltip="The labelled grid of maps."),
+                io.Image.Output(display_name="grid", tooltip="The labelled grid of maps: columns wrap at 4096 px and "
+                                                             "the grid stays under 4 megapixels (a note says which "
+                                                             "tokens a long prompt left out)."),
                 io.Mask.Output(display_name="mask", tooltip="The chosen words' map at the image's pixel size, on "
                                                             "the grid's colour scale (0 to 1)."),
             ],
