@@ -1,13 +1,17 @@
 """MaskAttn Loader on a real ComfyUI: parity with the authors, identity when off, the sampler's corners."""
 
+import math
 import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import comfy.sample
+import comfy.samplers
 from comfy_kit import fixture_inputs, fixture_unet, run_unet
-from maskattn_comfy.patch import MaskAttnPatch, PatchOptions, apply_maskattn, find_maskattn_patch
+from maskattn_comfy.patch import (MASK_KEY, MaskAttnPatch, PatchOptions, apply_maskattn, find_maskattn_patch,
+                                  is_maskattn_patch)
 from maskattn_comfy.model_check import require_sdxl
 from maskattn_comfy.tiny_model import build_sdxl_model, tiny_conditioning
 from maskattn_core import GateSet, MaskAttnConfig
@@ -44,13 +48,87 @@ def tiny():
     return build_sdxl_model(seed=0)
 
 
-def tiny_gates(model, seed=1, bias=None, **config):
+def tiny_gates(model, seed=1, bias=None, gain=1.0, **config):
+    """Seeded gates for `model`; `gain` scales the MLPs' last layers, so gate logits spread away from 0."""
     gates = GateSet.create(MaskAttnConfig(gate_hidden_dim=16, **config), require_sdxl(model), seed=seed)
-    if bias is not None:
-        with torch.no_grad():
-            for head in gates.heads.values():
+    with torch.no_grad():
+        for head in gates.heads.values():
+            if bias is not None:
                 head.logit_bias.fill_(bias)
+            head.feature_net[3].weight.mul_(gain)
+            head.token_net[3].weight.mul_(gain)
     return gates
+
+
+class ReferenceCheck:
+    """Wraps a patched model's MaskAttn hooks and, at every gated call, recomputes by hand, in float64,
+    from the hooks' own inputs and the gate heads' weights, the hard gate and the masked attention:
+    closed connections keep (1 - strength) of their softmax weight (none at strength 1), rows with no
+    open token keep their most probable one. Records each call's relative difference from the model's
+    attention output, the mask's dtype straight after the gate hook, and the batch layouts seen."""
+
+    def __init__(self, patched, strength=1.0):
+        self.patch, self.strength = find_maskattn_patch(patched), strength
+        options = patched.model_options["transformer_options"]
+        hooks = options["patches"]["attn2_patch"]
+        hooks[[i for i, hook in enumerate(hooks) if hook is self.patch][0]] = self.gate_hook
+        replaces = options["patches_replace"]["attn2"]
+        for key in [key for key, fn in replaces.items() if is_maskattn_patch(fn)]:
+            replaces[key] = self.attention_hook
+        self.errors, self.mask_dtypes, self.layouts, self.ambiguous, self.entries = [], set(), [], 0, 0
+
+    def __deepcopy__(self, memo):  # ComfyUI copies model_options; the records must stay here
+        return self
+
+    def gate_hook(self, n, context, value, extra_options):
+        out = self.patch(n, context, value, extra_options)
+        if MASK_KEY in extra_options:
+            self.mask_dtypes.add((extra_options[MASK_KEY].dtype, n.dtype))
+            extra_options["reference_inputs"] = (n, context)
+        return out
+
+    def attention_hook(self, q, k, v, extra_options):
+        mask = extra_options.get(MASK_KEY)
+        out = self.patch.attention(q, k, v, extra_options)
+        if mask is not None:
+            n, context = extra_options.pop("reference_inputs")
+            self.layouts.append(list(extra_options["cond_or_uncond"]))
+            key = (extra_options["block"][0], extra_options["block"][1], extra_options["block_index"])
+            opened = self.hard_gate(self.patch.gate_set.head_for(key), n, context, mask[:, 0] == 0)
+            expected = self.masked_attention(q, k, v, opened, extra_options["n_heads"])
+            self.errors.append(float((out.double() - expected).abs().max() / expected.abs().max()))
+        return out
+
+    def hard_gate(self, head, n, context, model_opened):
+        def mlp(net, x):
+            x = F.layer_norm(x.double(), net[0].normalized_shape, net[0].weight.double(), net[0].bias.double(), net[0].eps)
+            return F.linear(F.silu(F.linear(x, net[1].weight.double(), net[1].bias.double())),
+                            net[3].weight.double(), net[3].bias.double())
+
+        with torch.no_grad():
+            logits = mlp(head.feature_net, n) @ mlp(head.token_net, context).transpose(1, 2) / math.sqrt(head.hidden_dim)
+            probabilities = torch.sigmoid(logits + head.logit_bias.double())
+        threshold = self.patch.gate_set.config.threshold
+        # Within 1e-5 of the threshold float32 and float64 may disagree: take the model's decision there.
+        ambiguous = (probabilities - threshold).abs() < 1e-5
+        self.ambiguous, self.entries = self.ambiguous + int(ambiguous.sum()), self.entries + ambiguous.numel()
+        opened = torch.where(ambiguous, model_opened, probabilities > threshold)
+        none_open = ~opened.any(-1, keepdim=True)
+        return opened | (none_open & (probabilities == probabilities.amax(-1, keepdim=True)))
+
+    def masked_attention(self, q, k, v, opened, heads):
+        (batch, locations, width), tokens = q.shape, k.shape[1]
+        q, k, v = (t.double().reshape(batch, -1, heads, width // heads) for t in (q, k, v))
+        scores = torch.einsum("bnhd,bthd->bhnt", q, k) / math.sqrt(width // heads)
+        closed_weight = 1.0 - self.strength if self.strength < 1 else math.exp(self.patch.gate_set.config.negative_value)
+        weights = torch.exp(scores - scores.amax(-1, keepdim=True)) * torch.where(opened, 1.0, closed_weight)[:, None]
+        weights = weights / weights.sum(-1, keepdim=True)
+        return torch.einsum("bhnt,bthd->bnhd", weights, v).reshape(batch, locations, width)
+
+    def assert_close(self, tolerance):
+        assert self.errors, "no gated attention ran"
+        assert max(self.errors) < tolerance, (max(self.errors), len(self.errors))
+        assert self.ambiguous <= 1e-3 * self.entries, (self.ambiguous, self.entries)
 
 
 # -- parity with the authors' implementation ----------------------------------------------
@@ -148,23 +226,88 @@ def test_step_range_gates_only_the_steps_inside_it(tiny):
     assert len(set(calls)) < 4
 
 
+def test_end_percent_alone_gates_only_the_steps_before_it(tiny):
+    sigmas_gated = []
+
+    class Sigmas(Recorder):
+        def gate(self, key, probabilities, hard, extra_options):
+            sigmas_gated.append(float(extra_options["sigmas"].max()))
+
+    steps = 4
+    sampling = tiny.get_model_object("model_sampling")
+    schedule = [float(s) for s in comfy.samplers.calculate_sigmas(sampling, "normal", steps)[:-1]]
+    patched = apply_maskattn(tiny, tiny_gates(tiny), PatchOptions(end_percent=0.5), recorder=Sigmas())
+    sample(patched, steps=steps, cfg=1.0)
+    sigma_end = sampling.percent_to_sigma(0.5)
+    assert sorted(set(sigmas_gated), reverse=True) == [s for s in schedule if s >= sigma_end]
+    assert 0 < len(set(sigmas_gated)) < steps
+
+
 # -- everything the sampler throws at attention ---------------------------------------------
 
 @pytest.mark.parametrize("attention_backend", BACKENDS, indirect=True)
-def test_each_backend_samples_with_masks(tiny, attention_backend):
-    gates = tiny_gates(tiny)
-    patched, plain = sample(apply_maskattn(tiny, gates)), sample(tiny)
-    assert torch.isfinite(patched).all() and not torch.equal(patched, plain)
+def test_each_backend_computes_the_masked_attention(tiny, attention_backend):
+    patched = apply_maskattn(tiny, tiny_gates(tiny, gain=10))
+    check = ReferenceCheck(patched)
+    sample(patched, steps=2)
+    check.assert_close(1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_models(dtype):
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float16, 5e-3), (torch.bfloat16, 4e-2)])
+def test_half_precision_models(dtype, tolerance):
     model = build_sdxl_model(seed=0, dtype=dtype)
     recorder = Recorder()
-    patched = apply_maskattn(model, tiny_gates(model), recorder=recorder)
+    patched = apply_maskattn(model, tiny_gates(model, gain=10), recorder=recorder)
+    check = ReferenceCheck(patched)
     out = sample(patched, steps=2)
     assert torch.isfinite(out).all()
     assert all(p.dtype == torch.float32 for p in recorder.probabilities.values())
+    assert check.mask_dtypes == {(dtype, dtype)}  # built in the model's dtype by the gate hook itself
+    check.assert_close(tolerance)
+
+
+@pytest.mark.parametrize("strength", [0.3, 0.8, 1.0])
+def test_strength_keeps_one_minus_strength_of_a_closed_connections_weight(tiny, strength):
+    patched = apply_maskattn(tiny, tiny_gates(tiny, gain=10), PatchOptions(strength=strength))
+    check = ReferenceCheck(patched, strength)
+    sample(patched, steps=2)
+    check.assert_close(1e-5)
+
+
+def test_cond_and_uncond_run_separately_each_get_gates_from_their_own_context(tiny, monkeypatch):
+    # Too little memory for both makes ComfyUI run cond and uncond as separate model calls, which share one
+    # `sigmas` object.
+    patched = apply_maskattn(tiny, tiny_gates(tiny, gain=10))
+    check = ReferenceCheck(patched)
+    monkeypatch.setattr(patched.model, "memory_required", lambda *args, **kwargs: float("inf"))
+    sample(patched, steps=2)
+    assert {tuple(layout) for layout in check.layouts} == {(0,), (1,)}
+    check.assert_close(1e-5)
+
+
+def test_the_token_cache_follows_the_context_tensor_not_only_the_step(tiny):
+    gates = tiny_gates(tiny)
+    patch = MaskAttnPatch(gates, PatchOptions(), sigma_range=None)
+    key = gates.layers[0]
+    g = torch.Generator().manual_seed(0)
+    n = torch.randn(1, 16, gates.head_for(key).feature_dim, generator=g)
+    sigmas = torch.ones(1)
+    masks = []
+    contexts = [torch.randn(1, 77, 2048, generator=g) for _ in range(2)]
+    contexts.append(contexts[1].clone())
+    with torch.no_grad():
+        for context in contexts:
+            extra_options = {"block": key[:2], "block_index": key[2], "sigmas": sigmas}
+            patch(n, context, context, extra_options)
+            masks.append(extra_options[MASK_KEY])
+        contexts[2].mul_(-1)  # the same tensor changed in place
+        extra_options = {"block": key[:2], "block_index": key[2], "sigmas": sigmas}
+        patch(n, contexts[2], contexts[2], extra_options)
+    expected = [torch.where(torch.sigmoid(gates.head_for(key).logits(n, c)) > 0.5, 0.0, -10000.0) for c in contexts]
+    assert not torch.equal(masks[0], masks[1]) and torch.equal(masks[1], masks[2])
+    for mask, want in zip(masks[:2] + [extra_options[MASK_KEY]], expected):
+        opened_rows = (want == 0).any(-1, keepdim=True)
+        assert torch.equal(mask[:, 0].where(opened_rows.expand_as(want), want), want)
 
 
 def test_batch_of_two_long_prompt_against_short_negative_non_square_latent(tiny):
@@ -187,11 +330,13 @@ def test_three_conds_in_one_batch(tiny):
         def gate(self, key, probabilities, hard, extra_options):
             seen.append(list(extra_options["cond_or_uncond"]))
 
-    patched = apply_maskattn(tiny, tiny_gates(tiny), recorder=Layout())
+    patched = apply_maskattn(tiny, tiny_gates(tiny, gain=10), recorder=Layout())
+    check = ReferenceCheck(patched)
     two_positive = tiny_conditioning(1, seed=5) + tiny_conditioning(1, tokens=154, seed=6)
-    out = sample(patched, positive=two_positive)
-    assert torch.isfinite(out).all()
+    sample(patched, positive=two_positive)
     assert max(len(layout) for layout in seen) == 3
+    assert [1, 0, 0] in check.layouts or [0, 0, 1] in check.layouts, check.layouts[:3]
+    check.assert_close(1e-5)
 
 
 def test_gates_follow_the_activations_device_once_not_per_call(tiny):

@@ -32,9 +32,17 @@ def forward(model, batch=2, side=16, tokens=77, dtype=torch.float32):
 
 @pytest.fixture
 def spy(monkeypatch):
-    """Counts gate-head work and records what reaches ComfyUI's masked attention."""
-    seen = {"masks": [], "token_features": 0, "location_features": 0}
+    """Counts gate-head work, records each mask's dtype as the gate hook leaves it, and what reaches
+    ComfyUI's masked attention."""
+    seen = {"masks": [], "hook_mask_dtypes": [], "token_features": 0, "location_features": 0}
     masked = comfy_attention.optimized_attention_masked
+    gate_hook = MaskAttnPatch.__call__
+
+    def gate_hook_spy(self, n, context, value, extra_options):
+        out = gate_hook(self, n, context, value, extra_options)
+        if "maskattn_mask" in extra_options:  # a gated layer inside the step range
+            seen["hook_mask_dtypes"].append(extra_options["maskattn_mask"].dtype)
+        return out
 
     def masked_spy(q, k, v, heads, mask, **kwargs):
         seen["masks"].append((tuple(q.shape), tuple(k.shape), tuple(mask.shape), mask.dtype, q.dtype, mask.stride()))
@@ -49,6 +57,7 @@ def spy(monkeypatch):
 
         monkeypatch.setattr(GateHead, name, counted)
     monkeypatch.setattr(comfy_attention, "optimized_attention_masked", masked_spy)
+    monkeypatch.setattr(MaskAttnPatch, "__call__", gate_hook_spy)
     return seen
 
 
@@ -58,6 +67,7 @@ def test_each_gated_layer_hands_attention_one_batch_1_n_t_mask_in_the_attention_
     gates = default_gates(model)
     forward(apply_maskattn(model, gates), batch=2, side=16, tokens=154, dtype=dtype)
     assert len(spy["masks"]) == len(gates.layers)
+    assert spy["hook_mask_dtypes"] == [dtype] * len(gates.layers)  # made in the model's dtype, not cast later
     for q_shape, k_shape, mask_shape, mask_dtype, q_dtype, stride in spy["masks"]:
         batch, locations, _ = q_shape
         assert mask_shape == (batch, 1, locations, k_shape[1])  # one mask for all heads, never per head
