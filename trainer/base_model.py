@@ -103,10 +103,33 @@ def check_sdxl(patcher, source: str) -> dict:
         raise BaseModelError(f"{source} is not an SDXL checkpoint: {error}") from error
 
 
+SHAPES_CHECKPOINT = "maskattn-shapes"  # --checkpoint name of the pack's own trained Shapes world (maskattn_shapes/)
+
+
+def load_shapes(precision: str) -> BaseModel:
+    """The Shapes world's base: the same UNet, CLIP and VAE the "MaskAttn Shapes Checkpoint" node gives."""
+    from maskattn_shapes import model as shapes
+
+    state, meta = shapes.read_base()
+    patcher = shapes.shapes_unet(state, dtype=unet_dtype(precision) or torch.float32)
+    layer_channels = check_sdxl(patcher, SHAPES_CHECKPOINT)
+    digest = hashlib.sha256(shapes.WEIGHTS.read_bytes()).hexdigest()
+
+    def open_encoders():
+        return ComfyEncoders(shapes.shapes_vae(), shapes.shapes_clip())
+
+    identities = (f"vae:{shapes.FORMAT}-codec:float32", f"text:{shapes.FORMAT}-clip:{meta.get('text_seed')}")
+    provenance = {"base_model": SHAPES_CHECKPOINT, "base_model_sha256": digest, "prediction": prediction_type(patcher)}
+    return BaseModel(patcher, layer_channels, open_encoders, identities, provenance,
+                     lambda: (shapes.shapes_clip(), shapes.shapes_vae()))
+
+
 def load_checkpoint(name: str, precision: str, cache_dir: Path) -> BaseModel:
     import comfy.sd
     import folder_paths
 
+    if name == SHAPES_CHECKPOINT:
+        return load_shapes(precision)
     path = resolve_checkpoint(name)
     dtype = unet_dtype(precision)
     model_options = {"dtype": dtype} if dtype is not None else {}
