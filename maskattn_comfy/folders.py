@@ -26,6 +26,10 @@ def register_folder() -> None:
     else:
         folder_paths.folder_names_and_paths[FOLDER] = ([default], set(OURS + OFFICIAL))
     os.makedirs(default, exist_ok=True)
+    # The gates trained for the pack's Shapes world, so the Loader lists them beside the user's own.
+    shapes_gates = str(Path(__file__).resolve().parent.parent / "maskattn_shapes" / "gates")
+    if shapes_gates not in folder_paths.folder_names_and_paths[FOLDER][0]:
+        folder_paths.folder_names_and_paths[FOLDER][0].append(shapes_gates)
 
 
 def gate_names() -> list[str]:

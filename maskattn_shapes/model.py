@@ -29,6 +29,7 @@ SHAPES_UNET_CONFIG = dict(TINY_UNET_CONFIG, model_channels=64, channel_mult=[1, 
 SHAPES_CLIP_CONFIG = {"num_hidden_layers": 3, "intermediate_size": 512, "num_attention_heads": 4}
 TEXT_SEED = 20260926
 WEIGHTS = Path(__file__).resolve().parent / "weights" / "shapes_base.safetensors"
+GATES = Path(__file__).resolve().parent / "gates"  # gates trained on the world; the Loader lists them
 FORMAT = "maskattn-shapes-base"
 LATENT_SCALE = 0.13025  # SDXL's latent_format.scale_factor: the model multiplies raw latents by it
 

@@ -101,7 +101,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--seed", type=int, default=0, help="prompt draw; prompt i is sampled with seed + i")
     p.add_argument("--gates", nargs="*", type=Path,
-                   default=[shapes.WEIGHTS.parent / "shapes_gates.safetensors", shapes.WEIGHTS.parent / "shapes_gates_all.safetensors"])
+                   default=[shapes.GATES / "shapes_gates.safetensors", shapes.GATES / "shapes_gates_all.safetensors"])
     p.add_argument("--soft", action="store_true", help="also the first gate file at strength 0.5")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("output/study"))
