@@ -1,20 +1,21 @@
-"""The main job on an embedded default: the example workflow, end to end, on a real ComfyUI server.
+"""The main job on an embedded default: MaskAttn at work in the pack's Shapes world, on a real ComfyUI server.
 
     .venv/bin/python scripts/demo.py [--out maskattn-demo]
 
-It trains demo gates on the tiny built-in SDXL-topology model (trainer/train.py --demo),
-starts ComfyUI on 127.0.0.1 with this pack installed, queues example_workflows/maskattn_sdxl.json
-over HTTP with the tiny model in place of the SDXL checkpoint, and
-writes the images (with gates and, for comparison, at strength 0) to --out.
-The tiny model has random weights: the images show the pipeline runs, not what SDXL draws.
+It starts ComfyUI on 127.0.0.1 with this pack installed and queues
+example_workflows/maskattn_shapes.json over HTTP for a few two-object prompts: the shipped
+Shapes model (MaskAttn Shapes Checkpoint) with the shipped gates (shapes_gates.safetensors),
+once at strength 1 and once at strength 0 (the plain model), with the same seed. It writes
+comparison.png (plain | gated, side by side, with what the evaluator read in each), maps.png
+(Visualize Mask: which words each image region may attend to) and the single images to --out.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -23,15 +24,23 @@ PACK_ROOT = Path(__file__).resolve().parent.parent
 sys.path.append(str(PACK_ROOT))  # appended: the pack's nodes/ must not shadow ComfyUI's nodes.py
 sys.path.append(str(PACK_ROOT / "scripts"))
 
-from headless import TINY_NODES, ComfyServer, to_api_format  # noqa: E402
-from maskattn_comfy.host import find_comfyui  # noqa: E402
+try:
+    import numpy as np
+    from PIL import Image, ImageDraw
+except ImportError as error:  # run with a Python that has no ComfyUI environment
+    sys.exit(f"[demo] {error.name} is missing: run the demo with the Python that runs ComfyUI, e.g. "
+             f".venv/bin/python scripts/demo.py after `bash scripts/setup.sh`")
 
-WORKFLOW = PACK_ROOT / "example_workflows" / "maskattn_sdxl.json"
-GATES = "maskattn_sdxl.safetensors"
+from headless import ComfyServer, to_api_format  # noqa: E402
+from maskattn_comfy.host import ComfyUINotFound, find_comfyui  # noqa: E402
+
+WORKFLOW = PACK_ROOT / "example_workflows" / "maskattn_shapes.json"
+PROMPTS = ("a red circle to the left of a blue square", "a yellow triangle above a purple circle",
+           "a green square and an orange triangle", "a cyan circle below a red square")
 
 
 def tiny_prompt(api: dict, size: int, steps: int) -> dict:
-    """Swap the SDXL checkpoint for the tiny test node (same MODEL, CLIP, VAE outputs); shrink size and steps."""
+    """The SDXL example on the tests' tiny random model: the test node in place of the checkpoint, small sizes."""
     for node in api.values():
         kind, inputs = node["class_type"], node["inputs"]
         if kind == "CheckpointLoaderSimple":
@@ -45,59 +54,107 @@ def tiny_prompt(api: dict, size: int, steps: int) -> dict:
     return api
 
 
-def gated(api: dict, strength: float, prefix: str) -> dict:
-    """The workflow at one Loader strength; at 0 there are no gates to visualize, so that branch is dropped."""
+def shapes_prompt(api: dict, text: str, seed: int, strength: float, prefix: str, maps: bool) -> dict:
+    """The Shapes workflow for one prompt, seed and Loader strength; the Visualize branch only where asked."""
     run = json.loads(json.dumps(api))
-    if strength == 0.0:
+    if not maps:
         dropped = {i for i, n in run.items() if n["class_type"] == "MaskAttnVisualize"}
-        dropped |= {i for i, n in run.items()
-                    if any(isinstance(v, list) and v[0] in dropped for v in n["inputs"].values())}
+        dropped |= {i for i, n in run.items() if any(isinstance(v, list) and v[0] in dropped for v in n["inputs"].values())}
         run = {i: n for i, n in run.items() if i not in dropped}
+    positive = next(n["inputs"]["positive"][0] for n in run.values() if n["class_type"] == "KSampler")
+    run[positive]["inputs"]["text"] = text
     for node in run.values():
+        inputs = node["inputs"]
         if node["class_type"] == "MaskAttnLoader":
-            node["inputs"].update(gate_name=GATES, strength=strength)
-        if node["class_type"] == "SaveImage" and node["inputs"]["filename_prefix"] == "MaskAttn":
-            node["inputs"]["filename_prefix"] = prefix
+            inputs["strength"] = strength
+        elif node["class_type"] == "KSampler":
+            inputs["seed"] = seed
+        elif node["class_type"] == "MaskAttnVisualize":
+            inputs.update(text=text, seed=seed)
+        elif node["class_type"] == "SaveImage" and inputs["filename_prefix"] == "MaskAttn":
+            inputs["filename_prefix"] = prefix
     return run
 
 
-def train_demo_gates(target: Path, run: Path, comfyui: Path) -> None:
-    command = [sys.executable, str(PACK_ROOT / "trainer" / "train.py"), "--demo", "--comfyui", str(comfyui),
-               "--output", str(run), "--name", target.stem]
-    print("[demo] training demo gates:", " ".join(command), flush=True)
-    subprocess.run(command, check=True)
-    shutil.copy(run / f"{target.stem}.safetensors", target)
+def verdict(text: str, picture: np.ndarray) -> str:
+    from maskattn_shapes.evaluate import read_image, score
+    from maskattn_shapes.world import parse_caption
+
+    found = read_image(picture)
+    s = score(parse_caption(text), found)
+    drawn = ", ".join(f"{f.color or '?'} {f.shape or '?'}" for f in found) or "nothing readable"
+    return f"{'right' if s['exact'] else 'wrong'}: {drawn}"
+
+
+def comparison(rows: list[tuple[str, np.ndarray, np.ndarray]], scale: int = 2) -> Image.Image:
+    """Rows of (prompt, plain, gated), each picture enlarged, with the evaluator's reading under it."""
+    side, label = 128 * scale, 34
+    sheet = Image.new("RGB", (2 * side + 30, 26 + len(rows) * (side + label + 22)), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((10, 6), "plain (strength 0)", fill="black")
+    draw.text((side + 20, 6), "MaskAttn gates (strength 1)", fill="black")
+    y = 26
+    for text, plain, gated in rows:
+        draw.text((10, y), text, fill="black")
+        for column, picture in enumerate((plain, gated)):
+            x = 10 + column * (side + 10)
+            sheet.paste(Image.fromarray(picture).resize((side, side), Image.NEAREST), (x, y + 16))
+            draw.text((x, y + 20 + side), verdict(text, picture)[:40], fill="black")
+        y += side + label + 22
+    return sheet
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=PACK_ROOT / "maskattn-demo", help="where the images go")
     parser.add_argument("--comfyui", help="a ComfyUI folder (default: COMFYUI_PATH or the one setup.sh made)")
-    parser.add_argument("--size", type=int, default=256, help="image side in pixels")
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0, help="prompt i is sampled with seed + i, plain and gated alike")
+    parser.add_argument("--steps", type=int, default=12)
     args = parser.parse_args(argv)
-    comfyui = find_comfyui(args.comfyui)
-    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        comfyui = find_comfyui(args.comfyui)
+        args.out.mkdir(parents=True, exist_ok=True)
+        probe = args.out / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except ComfyUINotFound as error:
+        print(f"[demo] {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"[demo] cannot write to --out {args.out}: {error.strerror}; choose another folder", file=sys.stderr)
+        return 2
+    rows, maps = [], None
     with tempfile.TemporaryDirectory(prefix="maskattn-demo-") as base:
-        base = Path(base)
-        server = ComfyServer(comfyui, base, extra_nodes=[TINY_NODES])
-        train_demo_gates(base / "models" / "maskattn" / GATES, base / "training", comfyui)
+        server = ComfyServer(comfyui, Path(base))
         print(f"[demo] starting ComfyUI at {server.url}", flush=True)
         with server:
             api = to_api_format(json.loads(WORKFLOW.read_text()), server.get("/object_info"))
-            api = tiny_prompt(api, args.size, args.steps)
-            for prefix, strength in (("MaskAttn", 1.0), ("Plain", 0.0)):
-                run = gated(api, strength, prefix)
-                result = server.run(run)
-                status = result.get("status", {})
-                if status.get("status_str") != "success":
-                    print(f"[demo] the workflow failed: {status}", file=sys.stderr)
-                    return 1
-                print(f"[demo] {prefix}: done ({status.get('status_str')})", flush=True)
-        for image in sorted(server.output.glob("*.png")):
-            shutil.copy(image, args.out / image.name)
-        shutil.copy(base / "models" / "maskattn" / GATES, args.out / GATES)
-    print(f"[demo] wrote {', '.join(sorted(p.name for p in args.out.iterdir()))} to {args.out}")
+            for node in api.values():
+                if node["class_type"] == "KSampler":
+                    node["inputs"]["steps"] = args.steps
+            for i, text in enumerate(PROMPTS):
+                pictures = {}
+                for prefix, strength in (("Plain", 0.0), ("MaskAttn", 1.0)):
+                    result = server.run(shapes_prompt(api, text, args.seed + i, strength, f"{prefix}_{i}", maps=i == 0 and strength))
+                    status = result.get("status", {})
+                    if status.get("status_str") != "success":
+                        print(f"[demo] the workflow failed: {status}", file=sys.stderr)
+                        return 1
+                    for output in result["outputs"].values():
+                        for image in (i for i in output.get("images", []) if i.get("type") == "output"):
+                            path = server.output / image["filename"]
+                            shutil.copy(path, args.out / path.name)
+                            if path.name.startswith("MaskAttn_maps"):
+                                maps = path
+                            elif path.name.startswith(f"{prefix}_{i}"):
+                                pictures[prefix] = np.asarray(Image.open(path).convert("RGB"))
+                rows.append((text, pictures["Plain"], pictures["MaskAttn"]))
+                print(f"[demo] {text!r}: plain {verdict(text, pictures['Plain'])}; "
+                      f"gated {verdict(text, pictures['MaskAttn'])}", flush=True)
+        comparison(rows).save(args.out / "comparison.png")
+        if maps is not None:
+            shutil.copy(maps, args.out / "maps.png")
+    print(f"[demo] wrote comparison.png, maps.png and {len(rows) * 2} samples to {args.out}")
     return 0
 
 
