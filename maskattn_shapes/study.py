@@ -124,7 +124,10 @@ def main(argv=None):
     encoded = encode_prompts(clip, prompts)
     print(f"[study] {len(prompts)} prompts encoded, {time.time() - started:.0f} s", flush=True)
     results = {}
-    for name, variant in variants(model, [g for g in args.gates if g.is_file()], args.soft):
+    missing = [str(g) for g in args.gates if not g.is_file()]
+    if missing:
+        raise SystemExit(f"[study] gate files not found: {', '.join(missing)}")
+    for name, variant in variants(model, args.gates, args.soft):
         tick = time.time()
         pictures = sample(variant, vae, encoded, seeds, args.steps, args.cfg, args.batch)
         scores = [score(q, read_image(img)) for q, img in zip(prompts, pictures)]
@@ -135,7 +138,10 @@ def main(argv=None):
     table = summarise(results, prompts, kinds)
     (args.out / "study.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                      "minutes": round((time.time() - started) / 60, 1),
-                                                     "table": table}, indent=1))
+                                                     "table": table,
+                                                     "prompts": [{"kind": k, "text": q.text, "seed": sd} for k, q, sd in zip(kinds, prompts, seeds)],
+                                                     "exact": {name: [bool(x["exact"]) for x in sc] for name, sc in results.items()}},
+                                                    indent=1))
     print(markdown(table))
     print(f"[study] {len(prompts)} prompts x {len(results)} variants in {(time.time() - started) / 60:.1f} min; "
           f"{args.out / 'study.json'}")
