@@ -23,7 +23,20 @@ import numpy as np
 import torch
 
 KINDS = ("single_seen", "single", "pair", "relation", "triple")
-METRICS = ("exact", "present", "binding", "spatial", "no_extra", "parseable")
+METRICS = ("exact", "present", "binding", "spatial", "no_extra", "parseable", "colour", "shape")
+
+
+def read_and_score(prompt, picture) -> dict:
+    """The evaluator's score, plus for one-object prompts whether its colour and its shape were drawn at all."""
+    from maskattn_shapes.evaluate import read_image, score
+
+    found = read_image(picture)
+    result = score(prompt, found)
+    single = len(prompt.objects) == 1
+    (colour, shape), = prompt.objects if single else ((None, None),)
+    result["colour"] = any(f.color == colour for f in found) if single else None
+    result["shape"] = any(f.shape == shape for f in found) if single else None
+    return result
 
 
 def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -102,6 +115,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="prompt draw; prompt i is sampled with seed + i")
     p.add_argument("--gates", nargs="*", type=Path,
                    default=[shapes.GATES / "shapes_gates.safetensors", shapes.GATES / "shapes_gates_all.safetensors"])
+    p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
     p.add_argument("--soft", action="store_true", help="also the first gate file at strength 0.5")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("output/study"))
@@ -112,13 +126,12 @@ def main(argv=None):
     host.boot(cpu=True)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from maskattn_shapes.evaluate import read_image, score
     from maskattn_shapes.world import heldout_prompts
 
     started = time.time()
     model, clip, vae = shapes.load_shapes_checkpoint()
-    prompts = [q for kind in KINDS for q in heldout_prompts(args.per_kind, args.seed, kind)]
-    kinds = [kind for kind in KINDS for _ in range(args.per_kind)]
+    prompts = [q for kind in args.kinds for q in heldout_prompts(args.per_kind, args.seed, kind)]
+    kinds = [kind for kind in args.kinds for _ in range(args.per_kind)]
     seeds = [args.seed + i for i in range(len(prompts))]
     args.out.mkdir(parents=True, exist_ok=True)
     encoded = encode_prompts(clip, prompts)
@@ -130,12 +143,12 @@ def main(argv=None):
     for name, variant in variants(model, args.gates, args.soft):
         tick = time.time()
         pictures = sample(variant, vae, encoded, seeds, args.steps, args.cfg, args.batch)
-        scores = [score(q, read_image(img)) for q, img in zip(prompts, pictures)]
+        scores = [read_and_score(q, img) for q, img in zip(prompts, pictures)]
         results[name] = scores
         np.save(args.out / f"{name.replace(' ', '_').replace(',', '')}.npy", pictures[:: max(1, len(pictures) // 40)])
         print(f"[study] {name}: {time.time() - tick:.0f} s, exact {np.mean([s['exact'] for s in scores]):.3f}", flush=True)
 
-    table = summarise(results, prompts, kinds)
+    table = summarise(results, kinds, args.kinds)
     (args.out / "study.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                      "minutes": round((time.time() - started) / 60, 1),
                                                      "table": table,
@@ -147,11 +160,11 @@ def main(argv=None):
           f"{args.out / 'study.json'}")
 
 
-def summarise(results: dict, prompts, kinds) -> list[dict]:
+def summarise(results: dict, kinds: list[str], kind_names) -> list[dict]:
     rows = []
     base = results.get("base")
     for name, scores in results.items():
-        for kind in ("all",) + KINDS:
+        for kind in ("all", *kind_names):
             picked = [i for i, k in enumerate(kinds) if kind in ("all", k)]
             row = {"variant": name, "kind": kind, "n": len(picked)}
             for metric in METRICS:

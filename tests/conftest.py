@@ -51,6 +51,17 @@ def gate_folder(tmp_path, pack):
     folder_paths.folder_names_and_paths["maskattn"] = (paths, exts)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: on a small shared CPU, two OpenMP threads waiting on each other made steps 30x slower."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture
 def attention_backend(request):
     """Switch ComfyUI's optimized attention to one named backend for a test, then back."""

@@ -61,13 +61,7 @@ def max_difference(a, b):
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a small shared CPU, two OpenMP threads waiting on each other made steps 30x slower."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1")

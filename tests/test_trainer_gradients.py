@@ -22,12 +22,7 @@ from trainer.loop import GateTrainer, StepResult, gradient_norms
 from trainer.demo import tiny_unet
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

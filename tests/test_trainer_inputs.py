@@ -20,12 +20,7 @@ TINY = ["--demo", "--resolution", "32", "--gate-hidden-dim", "16", "--batch-size
         "--warmup-steps", "2", "--no-progress", "--no-tensorboard", "--steps", "1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def png_claiming(width: int, height: int) -> bytes:
