@@ -20,14 +20,11 @@ import comfy.ldm.modules.attention as comfy_attention
 from maskattn_core import (GateSet, LayerKey, additive_mask, closed_logit, closed_mask, layer_name, open_connections,
                           straight_through)
 
+from .compose import GatedReplace, PatchConflictError, composed_replace, without_maskattn
 from .model_check import SDXL_CONTEXT_DIM, require_sdxl
 
 MASK_KEY = "maskattn_mask"
 log = logging.getLogger("MaskAttn")
-
-
-class PatchConflictError(ValueError):
-    """Another node already replaces cross-attention on a layer MaskAttn needs."""
 
 
 class MaskShapeError(RuntimeError):
@@ -187,7 +184,8 @@ def _copy_to(head, device):
 
 
 def is_maskattn_patch(obj) -> bool:
-    return isinstance(obj, MaskAttnPatch) or isinstance(getattr(obj, "__self__", None), MaskAttnPatch)
+    return (isinstance(obj, (MaskAttnPatch, GatedReplace))
+            or isinstance(getattr(obj, "__self__", None), MaskAttnPatch))
 
 
 def find_maskattn_patch(model) -> MaskAttnPatch | None:
@@ -208,23 +206,20 @@ def apply_maskattn(model, gate_set: GateSet, options: PatchOptions = PatchOption
     _remove_previous_maskattn(transformer_options)  # a second Loader replaces the first, strength 0 included
     if options.strength == 0.0:
         return patched  # the original attention path, no work at all
-    replaced = transformer_options.get("patches_replace", {}).get("attn2", {})
-    for key in gate_set.layers:
-        for taken in (tuple(key), tuple(key[:2])):
-            if taken in replaced:
-                raise PatchConflictError(
-                    f"MaskAttn needs the cross-attention (attn2) replace on {layer_name(key)} (ComfyUI key {taken}), "
-                    "but another node already replaces attention there, and only one replace can run per layer. "
-                    "Remove that node from this MODEL chain or limit it to other blocks; MaskAttn Loader cannot "
-                    "combine with it on the same layer.")
     sigma_range = None
     if (options.start_percent, options.end_percent) != (0.0, 1.0):
         sampling = patched.get_model_object("model_sampling")
         sigma_range = (sampling.percent_to_sigma(options.start_percent), sampling.percent_to_sigma(options.end_percent))
     patch = MaskAttnPatch(gate_set, options, sigma_range, recorder)
-    patched.set_model_attn2_patch(patch)
+    replaced = transformer_options.get("patches_replace", {}).get("attn2", {})
+    replaces = {}  # alone, or around IPAdapter's image prompt (compose.py); another replace stops here, before any change
     for key in gate_set.layers:
-        patched.set_model_attn2_replace(patch.attention, *key)
+        # ComfyUI looks a layer up by (block, number, index), then (block, number): either may hold another replace.
+        comfy_key = next((k for k in (tuple(key), tuple(key[:2])) if k in replaced), tuple(key))
+        replaces[key] = composed_replace(patch, replaced.get(comfy_key), layer_name(key), comfy_key)
+    patched.set_model_attn2_patch(patch)
+    for key, replace in replaces.items():
+        patched.set_model_attn2_replace(replace, *key)
     return patched
 
 
@@ -235,4 +230,7 @@ def _remove_previous_maskattn(transformer_options: dict) -> None:
         patches["attn2_patch"] = [p for p in patches["attn2_patch"] if not is_maskattn_patch(p)]
     attn2 = transformer_options.get("patches_replace", {}).get("attn2", {})
     for key in [k for k, fn in attn2.items() if is_maskattn_patch(fn)]:
-        del attn2[key]
+        if without_maskattn(attn2[key]) is None:
+            del attn2[key]
+        else:  # it shared the layer with IPAdapter: IPAdapter's own replace stays
+            attn2[key] = without_maskattn(attn2[key])
