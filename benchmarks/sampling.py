@@ -176,13 +176,8 @@ def run_worker(name: str, config: dict, checkpoint: str | None, steps: int, roun
     if threads:
         torch.set_num_threads(threads)
 
-    import comfy.model_management as mm
-    import comfy.sample
     import comfy.sd
-    from maskattn_comfy.model_check import require_sdxl
-    from maskattn_comfy.patch import PatchOptions, apply_maskattn
-    from maskattn_comfy.tiny_model import build_sdxl_model, tiny_conditioning
-    from maskattn_core import GateSet, MaskAttnConfig
+    from maskattn_comfy.tiny_model import build_sdxl_model
 
     started = time.perf_counter()
     if config["model"] == "tiny":
@@ -191,12 +186,28 @@ def run_worker(name: str, config: dict, checkpoint: str | None, steps: int, roun
         model = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=False, output_clip=False,
                                                       output_clipvision=False)[0]
     load_s = time.perf_counter() - started
+    result = measure(name, model, config["size"], steps, rounds, variants, memory_rounds)
+    result["load_s"] = load_s
+    return result
+
+
+def measure(name: str, model, size: int, steps: int, rounds: int, variants: list[str], memory_rounds: int = 2) -> dict:
+    """Sample `model` (a ComfyUI MODEL) unpatched and with each patched variant in the interleaved
+    schedule, then peak memory in rounds of its own; `variants` starts with "unpatched"."""
+    import torch
+
+    import comfy.model_management as mm
+    import comfy.sample
+    from maskattn_comfy.model_check import require_sdxl
+    from maskattn_comfy.patch import PatchOptions, apply_maskattn
+    from maskattn_comfy.tiny_model import tiny_conditioning
+    from maskattn_core import GateSet, MaskAttnConfig
+
     gate_set = GateSet.create(MaskAttnConfig(), require_sdxl(model), seed=0)  # the authors' defaults
     models = {variant: model if VARIANTS[variant] is None
               else apply_maskattn(model, gate_set, PatchOptions(**VARIANTS[variant]))
               for variant in variants}
 
-    size = config["size"]
     positive = tiny_conditioning(seed=1, width=size, height=size)
     negative = tiny_conditioning(seed=2, width=size, height=size)
     latent = torch.zeros(1, 4, size // 8, size // 8)
@@ -241,7 +252,7 @@ def run_worker(name: str, config: dict, checkpoint: str | None, steps: int, roun
     unpatched = [run for run in runs if run["variant"] == "unpatched"]
     unpatched_memory = [run for run in memory if run["variant"] == "unpatched"]
     result = {"config": name, "device": str(device), "dtype": str(model.model.get_dtype()),
-              "size": size, "steps": steps, "rounds": rounds, "cfg": CFG, "load_s": load_s,
+              "size": size, "steps": steps, "rounds": rounds, "cfg": CFG,
               "gated_layers": len(gate_set.layers), "gate_parameters": gate_set.parameter_count(),
               "unpatched_s": statistics.median(r["wall_s"] for r in unpatched),
               "unpatched_cpu_s": statistics.median(r["cpu_s"] for r in unpatched),

@@ -51,16 +51,8 @@ def run(args) -> None:
     from maskattn_comfy import host
 
     host.boot(cpu=not args.cuda)
-    import torch
-
-    import comfy.model_management as mm
     import comfy.sd
-    from maskattn_comfy.model_check import require_sdxl
-    from maskattn_comfy.patch import apply_maskattn
     from maskattn_comfy.tiny_model import build_sdxl_clip, build_sdxl_model
-    from maskattn_comfy.visualize import noise_sigmas, run_noise_levels
-    from maskattn_core import GateSet, MaskAttnConfig
-    MaskAttnVisualize = _node_class()
 
     if args.checkpoint:
         model, clip = comfy.sd.load_checkpoint_guess_config(str(args.checkpoint), output_vae=False,
@@ -69,20 +61,44 @@ def run(args) -> None:
     else:
         model, clip = build_sdxl_model(SDXL_WIDTH_UNET), build_sdxl_clip()
         what = "SDXL widths (320/640/1280), depths 1/2/2, tiny CLIP"
+    result = measure(model, clip, args.size, args.size * 3 // 4, args.levels, args.rounds)  # 3:4, not square
+
+    print(f"machine: {machine()}\nmodel: {what}, {result['dtype']}, {result['device']}; "
+          f"latent {tuple(result['latent_shape'])}; {args.levels} noise levels; {result['gated_layers']} gated layers")
+    print(f"plain: {result['plain_s']:.2f} s for {args.levels} forward passes, peak {result['plain_peak'] / 2**20:.0f} MiB")
+    for choice, m in result["maps"].items():
+        ratios, cpu_ratios, extra = m["ratios"], m["cpu_ratios"], m["extra_peak_shares"]
+        print(f"node ({choice}): {statistics.median(ratios):.3f}x the plain passes' wall time "
+              f"({min(ratios):.3f}-{max(ratios):.3f}), {statistics.median(cpu_ratios):.3f}x their CPU time "
+              f"({min(cpu_ratios):.3f}-{max(cpu_ratios):.3f}); extra peak memory {100 * statistics.median(extra):+.2f}% "
+              f"({100 * min(extra):+.2f}% to {100 * max(extra):+.2f}%)")
+
+
+def measure(model, clip, height: int, width: int, levels: int, rounds: int, maps=MAPS) -> dict:
+    """The Visualize Mask node on `model` (a ComfyUI MODEL, unpatched) with the authors' default gates,
+    against the same number of plain forward passes, in interleaved rounds; ratios per map choice."""
+    import torch
+
+    import comfy.model_management as mm
+    from maskattn_comfy.model_check import require_sdxl
+    from maskattn_comfy.patch import apply_maskattn
+    from maskattn_comfy.visualize import noise_sigmas, run_noise_levels
+    from maskattn_core import GateSet, MaskAttnConfig
+    MaskAttnVisualize = _node_class()
+
     gates = GateSet.create(MaskAttnConfig(), require_sdxl(model), seed=0)  # the authors' defaults: mid stage, 50 layers on SDXL
     patched = apply_maskattn(model, gates)
-    side = args.size // 8
-    latent = {"samples": torch.zeros(1, 4, side, side * 3 // 4)}  # 3:4, not square
+    latent = {"samples": torch.zeros(1, 4, height // 8, width // 8)}
     device = mm.get_torch_device()
     probe = CudaPeak(torch, device) if device.type == "cuda" else ResidentPeak()
-    sigmas = noise_sigmas(model.get_model_object("model_sampling"), args.levels, 0.2, 0.8)
+    sigmas = noise_sigmas(model.get_model_object("model_sampling"), levels, 0.2, 0.8)
     positive = clip.encode_from_tokens_scheduled(clip.tokenize(PROMPT))
 
     def plain():
         run_noise_levels(model, positive, latent, 0, 0, sigmas)
 
     def node(choice):
-        MaskAttnVisualize.execute(patched, clip, PROMPT, latent, seed=0, noise_levels=args.levels, start_percent=0.2,
+        MaskAttnVisualize.execute(patched, clip, PROMPT, latent, seed=0, noise_levels=levels, start_percent=0.2,
                                   end_percent=0.8, map=choice, grouping="block", words="cat", batch_index=0,
                                   show_special_tokens=False)
 
@@ -99,21 +115,21 @@ def run(args) -> None:
     import tempfile
     folder_paths.set_temp_directory(tempfile.mkdtemp(prefix="maskattn-bench-"))  # the node's preview PNGs
     timed(plain)
-    for choice in MAPS:
+    for choice in maps:
         timed(node, choice)
-    plains, nodes_ = [timed(plain)], {choice: [] for choice in MAPS}
-    for r in range(args.rounds):
-        for choice in MAPS:
+    plains, nodes_ = [timed(plain)], {choice: [] for choice in maps}
+    for r in range(rounds):
+        for choice in maps:
             nodes_[choice].append(timed(node, choice))
         plains.append(timed(plain))
         print(f"  round {r}: plain {plains[-1][0]:.2f} s, " + ", ".join(
-            f"{c} {nodes_[c][-1][0]:.2f} s" for c in MAPS), file=sys.stderr, flush=True)
+            f"{c} {nodes_[c][-1][0]:.2f} s" for c in maps), file=sys.stderr, flush=True)
 
-    print(f"machine: {machine()}\nmodel: {what}, {model.model.get_dtype()}, {device}; "
-          f"latent {tuple(latent['samples'].shape)}; {args.levels} noise levels; {len(gates.layers)} gated layers")
-    print(f"plain: {statistics.median(s for s, _, _ in plains):.2f} s for {args.levels} forward passes, "
-          f"peak {statistics.median(p for _, p, _ in plains) / 2**20:.0f} MiB")
-    for choice in MAPS:
+    result = {"device": str(device), "dtype": str(model.model.get_dtype()), "latent_shape": list(latent["samples"].shape),
+              "levels": levels, "rounds": rounds, "gated_layers": len(gates.layers),
+              "plain_s": statistics.median(s for s, _, _ in plains),
+              "plain_peak": statistics.median(p for _, p, _ in plains), "maps": {}}
+    for choice in maps:
         ratios, cpu_ratios, extra = [], [], []
         for r, (seconds, peak, cpu_seconds) in enumerate(nodes_[choice]):
             around = [plains[r], plains[r + 1]]
@@ -121,10 +137,8 @@ def run(args) -> None:
             cpu_ratios.append(cpu_seconds / statistics.mean(p[2] for p in around))
             base_peak = statistics.mean(p[1] for p in around)
             extra.append((peak - base_peak) / base_peak)
-        print(f"node ({choice}): {statistics.median(ratios):.3f}x the plain passes' wall time "
-              f"({min(ratios):.3f}-{max(ratios):.3f}), {statistics.median(cpu_ratios):.3f}x their CPU time "
-              f"({min(cpu_ratios):.3f}-{max(cpu_ratios):.3f}); extra peak memory {100 * statistics.median(extra):+.2f}% "
-              f"({100 * min(extra):+.2f}% to {100 * max(extra):+.2f}%)")
+        result["maps"][choice] = {"ratios": ratios, "cpu_ratios": cpu_ratios, "extra_peak_shares": extra}
+    return result
 
 
 def _node_class():
