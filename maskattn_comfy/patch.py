@@ -18,7 +18,7 @@ import torch
 
 import comfy.ldm.modules.attention as comfy_attention
 from maskattn_core import (GateSet, LayerKey, additive_mask, closed_logit, closed_mask, layer_name, open_connections,
-                          straight_through)
+                          soft_mask, straight_through)
 
 from .compose import GatedReplace, PatchConflictError, composed_replace, without_maskattn
 from .model_check import SDXL_CONTEXT_DIM, require_sdxl
@@ -84,9 +84,13 @@ class MaskAttnPatch:
         self._check_pending(extra_options)
         head = self._heads_on(n.device)[head_name]
         tokens = self._token_features(head_name, head, context, extra_options)
-        probabilities = torch.sigmoid(head.logits(n, context, tokens))
+        logits = head.logits(n, context, tokens)
+        probabilities = torch.sigmoid(logits)
         opened = open_connections(probabilities, self.threshold)
-        if probabilities.requires_grad:  # training: forward the hard gate, backward through the probabilities
+        if self.gate_set.config.gate == "soft":  # the ablation: weights scaled by p, forward and backward
+            extra_options[MASK_KEY] = soft_mask(logits, self.options.strength, self.gate_set.config.negative_value,
+                                                n.dtype)
+        elif probabilities.requires_grad:  # training: forward the hard gate, backward through the probabilities
             gate = straight_through(opened.to(probabilities.dtype), probabilities)
             extra_options[MASK_KEY] = additive_mask(gate, self.penalty, n.dtype)
         else:

@@ -8,6 +8,7 @@ from typing import Mapping
 
 STAGES = ("high", "mid", "low", "all")
 PLACEMENTS = ("encoder", "decoder", "encoder_decoder")
+GATES = ("hard", "soft")
 
 
 @dataclass(frozen=True)
@@ -15,7 +16,10 @@ class MaskAttnConfig:
     """Which cross-attention layers carry gates and how the gates decide.
 
     Defaults are the paper's: mid stage, encoder and decoder, threshold 0.5, closed
-    connections at -10000, gate hidden size 128, one head shared by each stage.
+    connections at -10000, gate hidden size 128, one head shared by each stage, the hard
+    gate. `gate="soft"` is the ablation: each connection's attention weight is scaled by
+    its gate probability (log p added to the logit, no lower than negative_value) in the
+    forward pass as well as the backward one.
     """
 
     stage: str = "mid"
@@ -24,6 +28,7 @@ class MaskAttnConfig:
     negative_value: float = -10000.0
     gate_hidden_dim: int = 128
     share_heads_by_stage: bool = True
+    gate: str = "hard"
 
     def __post_init__(self) -> None:
         # Values may come from a file: check types too ("0.5" or true as a threshold must not pass).
@@ -39,6 +44,8 @@ class MaskAttnConfig:
             raise ValueError(f"gate_hidden_dim must be a positive integer, got {self.gate_hidden_dim!r}")
         if not isinstance(self.share_heads_by_stage, bool):
             raise ValueError(f"share_heads_by_stage must be true or false, got {self.share_heads_by_stage!r}")
+        if not isinstance(self.gate, str) or self.gate not in GATES:
+            raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
         object.__setattr__(self, "threshold", float(self.threshold))
         object.__setattr__(self, "negative_value", float(self.negative_value))
 

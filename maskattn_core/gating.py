@@ -74,3 +74,17 @@ def closed_mask(opened: Tensor, penalty: float = -10000.0, dtype: torch.dtype = 
     each a kernel launch on a GPU. The penalty passes through float32 as in `additive_mask`.
     """
     return torch.where(opened, 0.0, penalty).to(torch.float32).to(dtype).unsqueeze(1)
+
+
+def soft_mask(logits: Tensor, strength: float = 1.0, negative_value: float = -10000.0,
+              dtype: torch.dtype | None = None) -> Tensor:
+    """[B,N,T] gate logits -> [B,1,N,T] additive mask of the soft gate: strength * log p.
+
+    Adding log p to an attention logit multiplies that connection's softmax weight by p before
+    renormalisation (by p**strength below strength 1); unlike the hard gate, a nearly closed
+    connection keeps a gradient (d log p / d logit = 1 - p), so it can open again in training.
+    """
+    mask = (torch.nn.functional.logsigmoid(logits) * strength).clamp_min(negative_value)
+    if dtype is not None:
+        mask = mask.to(dtype)
+    return mask.unsqueeze(1)

@@ -94,12 +94,19 @@ class ReferenceCheck:
             n, context = extra_options.pop("reference_inputs")
             self.layouts.append(list(extra_options["cond_or_uncond"]))
             key = (extra_options["block"][0], extra_options["block"][1], extra_options["block_index"])
-            opened = self.hard_gate(self.patch.gate_set.head_for(key), n, context, mask[:, 0] == 0)
-            expected = self.masked_attention(q, k, v, opened, extra_options["n_heads"])
+            head = self.patch.gate_set.head_for(key)
+            if self.patch.gate_set.config.gate == "soft":  # the ablation: each weight scaled by p ** strength
+                scale = self.probabilities(head, n, context) ** self.strength
+            else:
+                opened = self.hard_gate(head, n, context, mask[:, 0] == 0)
+                closed_weight = 1.0 - self.strength if self.strength < 1 else math.exp(self.patch.gate_set.config.negative_value)
+                scale = torch.where(opened, 1.0, closed_weight)
+            expected = self.masked_attention(q, k, v, scale, extra_options["n_heads"])
             self.errors.append(float((out.double() - expected).abs().max() / expected.abs().max()))
         return out
 
-    def hard_gate(self, head, n, context, model_opened):
+    @staticmethod
+    def probabilities(head, n, context):
         def mlp(net, x):
             x = F.layer_norm(x.double(), net[0].normalized_shape, net[0].weight.double(), net[0].bias.double(), net[0].eps)
             return F.linear(F.silu(F.linear(x, net[1].weight.double(), net[1].bias.double())),
@@ -107,7 +114,10 @@ class ReferenceCheck:
 
         with torch.no_grad():
             logits = mlp(head.feature_net, n) @ mlp(head.token_net, context).transpose(1, 2) / math.sqrt(head.hidden_dim)
-            probabilities = torch.sigmoid(logits + head.logit_bias.double())
+            return torch.sigmoid(logits + head.logit_bias.double())
+
+    def hard_gate(self, head, n, context, model_opened):
+        probabilities = self.probabilities(head, n, context)
         threshold = self.patch.gate_set.config.threshold
         # Within 1e-5 of the threshold float32 and float64 may disagree: take the model's decision there.
         ambiguous = (probabilities - threshold).abs() < 1e-5
@@ -116,12 +126,12 @@ class ReferenceCheck:
         none_open = ~opened.any(-1, keepdim=True)
         return opened | (none_open & (probabilities == probabilities.amax(-1, keepdim=True)))
 
-    def masked_attention(self, q, k, v, opened, heads):
+    def masked_attention(self, q, k, v, scale, heads):
+        """Softmax attention with each connection's weight multiplied by `scale` [B,N,T], then renormalised."""
         (batch, locations, width), tokens = q.shape, k.shape[1]
         q, k, v = (t.double().reshape(batch, -1, heads, width // heads) for t in (q, k, v))
         scores = torch.einsum("bnhd,bthd->bhnt", q, k) / math.sqrt(width // heads)
-        closed_weight = 1.0 - self.strength if self.strength < 1 else math.exp(self.patch.gate_set.config.negative_value)
-        weights = torch.exp(scores - scores.amax(-1, keepdim=True)) * torch.where(opened, 1.0, closed_weight)[:, None]
+        weights = torch.exp(scores - scores.amax(-1, keepdim=True)) * scale[:, None]
         weights = weights / weights.sum(-1, keepdim=True)
         return torch.einsum("bhnt,bthd->bnhd", weights, v).reshape(batch, locations, width)
 

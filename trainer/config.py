@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from maskattn_core import STAGES, PLACEMENTS, MaskAttnConfig
+from maskattn_core import GATES, STAGES, PLACEMENTS, MaskAttnConfig
 
 
 class ConfigError(ValueError):
@@ -40,6 +40,8 @@ class TrainConfig:
     negative_value: float = MaskAttnConfig.negative_value
     gate_hidden_dim: int = MaskAttnConfig.gate_hidden_dim
     share_heads_by_stage: bool = MaskAttnConfig.share_heads_by_stage
+    gate: str = MaskAttnConfig.gate
+    gate_init_bias: float = 0.0          # the gate heads' initial logit bias (> 0: training starts with connections open)
     # Optimisation (the paper's defaults).
     steps: int = 10000
     stop_at: int = 0                     # stop with a checkpoint after this step (0: at --steps); the schedule stays --steps long
@@ -110,7 +112,7 @@ class TrainConfig:
     def maskattn(self) -> MaskAttnConfig:
         return MaskAttnConfig(stage=self.stage, placement=self.placement, threshold=float(self.threshold),
                               negative_value=float(self.negative_value), gate_hidden_dim=int(self.gate_hidden_dim),
-                              share_heads_by_stage=bool(self.share_heads_by_stage))
+                              share_heads_by_stage=bool(self.share_heads_by_stage), gate=self.gate)
 
     @property
     def cache_path(self) -> Path:
@@ -125,7 +127,7 @@ class TrainConfig:
 
 CHOICES = {"data_format": ("auto", "folder", "jsonl", "coco"), "precision": ("auto", "fp32", "bf16", "fp16", "fp64"),
            "bad_images": ("skip", "fail"), "bad_captions": ("skip", "fail"), "stage": tuple(STAGES),
-           "placement": tuple(PLACEMENTS)}
+           "placement": tuple(PLACEMENTS), "gate": tuple(GATES)}
 
 # What `--demo` changes, unless a config file or a flag says otherwise: about a minute on a CPU.
 DEMO_DEFAULTS = dict(resolution=64, batch_size=2, grad_accum=1, steps=100, warmup_steps=10, lr=1e-3,
@@ -170,6 +172,10 @@ HELP = {
     "negative_value": "the logit added to closed connections",
     "gate_hidden_dim": "the gate head's hidden size",
     "share_heads_by_stage": "one gate head per stage (as the paper) instead of one per layer",
+    "gate": "hard: the paper's hard gate, straight-through in training; soft: the ablation, attention weights "
+            "scaled by the gate probability in both passes (the gate file records which, and the Loader follows it)",
+    "gate_init_bias": "the gate heads' initial logit bias; e.g. 3 starts every connection open with probability 0.95 "
+                      "(the paper: 0)",
     "steps": "optimizer steps; the learning-rate schedule spans them",
     "stop_at": "stop with a checkpoint after this step, keeping the --steps schedule (0: run to --steps)",
     "batch_size": "images per process per micro-batch",

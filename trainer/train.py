@@ -132,6 +132,10 @@ def train(config: TrainConfig, world: World) -> int:
         gate_set.provenance = provenance
     else:
         gate_set = GateSet.create(config.maskattn(), base.layer_channels, seed=config.seed, provenance=provenance)
+        if config.gate_init_bias:
+            with torch.no_grad():
+                for head in gate_set.heads.values():
+                    head.logit_bias.fill_(float(config.gate_init_bias))
         state = None
 
     freeze(base.patcher)
@@ -220,13 +224,15 @@ def train(config: TrainConfig, world: World) -> int:
 
 RESUME_KEYS = ("stage", "placement", "threshold", "negative_value", "gate_hidden_dim", "share_heads_by_stage",
                "batch_size", "grad_accum", "seed", "resolution", "buckets", "steps", "warmup_steps", "lr",
-               "weight_decay", "betas", "grad_clip")
+               "weight_decay", "betas", "grad_clip", "gate", "gate_init_bias")
 
 
 def check_resumable(config: TrainConfig, saved: dict, path: Path) -> None:
     """An exact continuation needs the settings that shape the computation to be unchanged."""
     now = config.to_dict()
-    changed = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in RESUME_KEYS if saved.get(k) != now[k]]
+    defaults = TrainConfig().to_dict()  # a checkpoint from before a setting existed had its default
+    changed = [f"{k}: {saved.get(k, defaults[k])!r} -> {now[k]!r}" for k in RESUME_KEYS
+               if saved.get(k, defaults[k]) != now[k]]
     if changed:
         raise ConfigError(f"cannot resume from {path}: these settings differ from the checkpoint's ({'; '.join(changed)}); "
                           "restore them, or train into a new --output")
