@@ -469,7 +469,12 @@ def main(argv=None) -> int:
     notes = prepare_imports(args.wheels)
     from maskattn_comfy import host
 
-    comfyui = host.boot(args.comfyui, cpu=True if args.smoke else None)
+    try:
+        comfyui = host.boot(args.comfyui, cpu=True if args.smoke else None)
+    except ModuleNotFoundError as error:  # the GPU image lacks one of ComfyUI's requirements
+        print(f"[gpu_check] ComfyUI cannot start here: {error}. Carry its pure-Python wheel in the --wheels "
+              "folder (pip download --no-deps -d .device/whl NAME), or install it.", file=sys.stderr)
+        return 2
     sys.path.append(str(REPO / "benchmarks"))
     import torch
 
