@@ -434,16 +434,15 @@ def environment(comfyui: Path, notes: list[str]) -> dict:
 
     import comfy.ldm.modules.attention as comfy_attention
     import comfy.model_management as mm
+    from maskattn_comfy import host
 
-    version = {}
-    exec((comfyui / "comfyui_version.py").read_text(), version)
     device = mm.get_torch_device()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "CPU")
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory / 2**30
         name += f", {total:.0f} GiB"
     return {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-            "comfyui": version.get("__version__", "?"), "attention": comfy_attention.optimized_attention.__name__,
+            "comfyui": host.comfyui_version(comfyui), "attention": comfy_attention.optimized_attention.__name__,
             "notes": notes}
 
 

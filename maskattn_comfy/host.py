@@ -38,6 +38,18 @@ def find_comfyui(explicit: str | os.PathLike | None = None) -> Path:
                           "ComfyUI's custom_nodes/, or run scripts/setup.sh")
 
 
+def comfyui_version(path: str | os.PathLike) -> str:
+    """The version a ComfyUI folder declares in comfyui_version.py, read as text (nothing is executed)."""
+    import re
+
+    try:
+        text = (Path(path) / "comfyui_version.py").read_text(encoding="utf-8")
+    except OSError:
+        return "?"
+    found = re.search(r"""^__version__\s*=\s*["']([^"']+)["']""", text, re.M)
+    return found.group(1) if found else "?"
+
+
 def boot(comfyui: str | os.PathLike | None = None, cpu: bool | None = None, **cli_args) -> Path:
     """Make `import comfy...` work in this process, with ComfyUI's arguments set by us, not sys.argv."""
     if "comfy.model_management" in sys.modules:

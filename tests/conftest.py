@@ -76,6 +76,4 @@ def attention_backend(request):
 
 
 def pytest_report_header(config):
-    version = {}
-    exec((COMFYUI / "comfyui_version.py").read_text(), version)
-    return f"ComfyUI {version.get('__version__', '?')} at {COMFYUI}"
+    return f"ComfyUI {host.comfyui_version(COMFYUI)} at {COMFYUI}"
