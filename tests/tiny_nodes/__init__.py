@@ -15,6 +15,8 @@ if _pack_root not in sys.path:
 
 from maskattn_comfy.tiny_model import build_sdxl_clip, build_sdxl_model, build_tiny_vae
 
+from .clip_vision import MaskAttnTinyCLIPVision
+
 
 class MaskAttnTinySDXL(io.ComfyNode):
     """Stands in for CheckpointLoaderSimple: MODEL, CLIP (SDXL's real tokenizers), VAE, all tiny and seeded."""
@@ -32,7 +34,7 @@ class MaskAttnTinySDXL(io.ComfyNode):
 
 class TinyNodes(ComfyExtension):
     async def get_node_list(self):
-        return [MaskAttnTinySDXL]
+        return [MaskAttnTinySDXL, MaskAttnTinyCLIPVision]
 
 
 async def comfy_entrypoint():
