@@ -20,9 +20,9 @@ REPO = Path(__file__).resolve().parent.parent
 HOSTS = Path(os.environ.get("MASKATTN_HOSTS") or REPO.parent / "shared" / "hosts")
 SNAPSHOT = HOSTS / "ComfyUI_IPAdapter_plus-9d076a3.tar.gz"
 PACK = "ComfyUI_IPAdapter_plus"
-needs_snapshot = pytest.mark.skipif(
-    not SNAPSHOT.is_file(), reason=f"IPAdapter_plus snapshot not found at {SNAPSHOT} (set MASKATTN_HOSTS to the "
-                                   "folder holding ComfyUI_IPAdapter_plus-9d076a3.tar.gz)")
+MISSING = (f"IPAdapter_plus snapshot not found at {SNAPSHOT} (set MASKATTN_HOSTS to the folder holding "
+           "ComfyUI_IPAdapter_plus-9d076a3.tar.gz)")
+needs_snapshot = pytest.mark.skipif(not SNAPSHOT.is_file(), reason=MISSING)
 
 CLIP_EMBED_DIM = 32  # the image embedding's width: the tiny CLIP vision model's projection
 IMAGE_TOKENS = 4  # the basic (non-plus) IPAdapter's extra context tokens
@@ -42,6 +42,8 @@ def load_pack(custom_nodes: Path):
     """The pack loaded by ComfyUI's loader (nodes.load_custom_node); its IPAdapterPlus module."""
     import nodes
 
+    if not SNAPSHOT.is_file():
+        pytest.skip(MISSING)
     folder = unpack(custom_nodes)
     assert asyncio.run(nodes.load_custom_node(str(folder))), "ComfyUI failed to load ComfyUI_IPAdapter_plus"
     (module,) = [m for name, m in sys.modules.items() if name.endswith(f"{PACK}.IPAdapterPlus")]

@@ -14,17 +14,16 @@ import torch
 import torch.nn.functional as F
 
 from ipadapter_kit import (IMAGE_TOKENS, as_ipadapter_model, image_embeds, ipadapter_layer_order, load_pack,
-                           needs_snapshot, tiny_ipadapter_weights)
+                           tiny_ipadapter_weights)
 from maskattn_comfy.compose import GatedReplace, is_image_prompt_replace
 from maskattn_comfy.patch import MASK_KEY, PatchConflictError, PatchOptions, apply_maskattn
 from maskattn_comfy.tiny_model import build_sdxl_model
 from test_loader import ReferenceCheck, sample, tiny_gates
 
-pytestmark = needs_snapshot
-
 
 @pytest.fixture(scope="module")
 def ipadapter_plus(tmp_path_factory):
+    """IPAdapter_plus loaded by ComfyUI's loader; the test skips, saying where it looked, without the snapshot."""
     return load_pack(tmp_path_factory.mktemp("custom_nodes"))
 
 
