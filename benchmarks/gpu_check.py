@@ -77,6 +77,9 @@ SDXL_VAE_CONFIG = {"embed_dim": 4, "ddconfig": {
     "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}}
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 GOALS = {"default gates": 1.01, "strength 0": 1.001, "outside step range": 1.001}
+# Modules of ComfyUI's requirements.txt its model code imports (the server's own are left out).
+COMFYUI_IMPORTS = ("torchsde", "trampoline", "einops", "transformers", "tokenizers", "sentencepiece", "safetensors",
+                   "yaml", "PIL", "scipy", "tqdm", "psutil", "numpy")
 TRAINER_ATTENTION = {"split": "attention_split", "basic": "attention_basic", "sub-quad": "attention_sub_quad",
                      "comfyui": None}
 
@@ -117,6 +120,9 @@ def prepare_imports(wheels: Path | None) -> list[str]:
     if importlib.util.find_spec("av") is None:
         sys.meta_path.append(StandIn("av"))
         notes.append("PyAV (av) is not installed: a stand-in module took its place (video types, unused here)")
+    missing = [name for name in COMFYUI_IMPORTS if importlib.util.find_spec(name) is None]
+    if missing:
+        notes.append(f"not importable here (ComfyUI may need them): {', '.join(missing)}")
     return notes
 
 
@@ -472,7 +478,7 @@ def main(argv=None) -> int:
         comfyui = host.boot(args.comfyui, cpu=True if args.smoke else None)
     except ModuleNotFoundError as error:  # the GPU image lacks one of ComfyUI's requirements
         print(f"[gpu_check] ComfyUI cannot start here: {error}. Carry its pure-Python wheel in the --wheels "
-              "folder (pip download --no-deps -d .device/whl NAME), or install it.", file=sys.stderr)
+              "folder (pip download --no-deps -d .device/whl NAME), or install it. " + " ".join(notes), file=sys.stderr)
         return 2
     sys.path.append(str(REPO / "benchmarks"))
     import torch
