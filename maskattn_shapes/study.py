@@ -5,8 +5,10 @@
 
 Every held-out prompt is sampled once per variant with the same seed (so the variants are
 paired), through ComfyUI's own sampler, decoded by the Shapes codec and read by the
-evaluator. Variants: the base alone, the base with each committed gate file at strength 1,
-and with --soft the main gates at strength 0.5 (closed connections keep half their weight).
+evaluator. Variants: the base alone, the base with each gate file at strength 1 (a file trained
+with the soft gate is applied soft: its config says so), with --control the base with the
+control's update (maskattn_shapes/control.py: the same extra training, no gates), and with
+--half-strength the first gate file at strength 0.5 (closed connections keep half their weight).
 Each row gives the share of prompts right with a Wilson 95 % interval and, against the base,
 McNemar's exact paired p.
 """
@@ -91,15 +93,19 @@ def sample(model, vae, encoded, seeds, steps: int, cfg: float, batch: int) -> np
     return np.concatenate(pictures)
 
 
-def variants(model, gate_files: list[Path], soft: bool):
-    """(name, MODEL) pairs: the base, each gate file at strength 1, with --soft the first at strength 0.5."""
+def variants(model, gate_files: list[Path], controls: list[Path], half_strength: bool):
+    """(name, MODEL) pairs: the base, each gate file at strength 1, each control, with --half-strength the
+    first gate file at strength 0.5."""
     from maskattn_comfy.patch import PatchOptions, apply_maskattn
     from maskattn_core.gate_file import load_gate_file
+    from maskattn_shapes.control import ControlSet, apply_control
 
     yield "base", model
     for path in gate_files:
         yield f"gates {path.stem}", apply_maskattn(model, load_gate_file(path), PatchOptions(strength=1.0))
-    if gate_files and soft:
+    for path in controls:
+        yield f"control {path.stem}", apply_control(model, ControlSet.load(path))
+    if gate_files and half_strength:
         yield f"gates {gate_files[0].stem}, strength 0.5", apply_maskattn(model, load_gate_file(gate_files[0]),
                                                                           PatchOptions(strength=0.5))
 
@@ -116,7 +122,9 @@ def main(argv=None):
     p.add_argument("--gates", nargs="*", type=Path,
                    default=[shapes.GATES / "shapes_gates.safetensors", shapes.GATES / "shapes_gates_all.safetensors"])
     p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
-    p.add_argument("--soft", action="store_true", help="also the first gate file at strength 0.5")
+    p.add_argument("--control", nargs="*", type=Path, default=[],
+                   help="control files (python -m maskattn_shapes.control): the base with the same extra training, no gates")
+    p.add_argument("--half-strength", action="store_true", help="also the first gate file at strength 0.5")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("output/study"))
     args = p.parse_args(argv)
@@ -137,10 +145,10 @@ def main(argv=None):
     encoded = encode_prompts(clip, prompts)
     print(f"[study] {len(prompts)} prompts encoded, {time.time() - started:.0f} s", flush=True)
     results = {}
-    missing = [str(g) for g in args.gates if not g.is_file()]
+    missing = [str(g) for g in [*args.gates, *args.control] if not g.is_file()]
     if missing:
-        raise SystemExit(f"[study] gate files not found: {', '.join(missing)}")
-    for name, variant in variants(model, args.gates, args.soft):
+        raise SystemExit(f"[study] files not found: {', '.join(missing)}")
+    for name, variant in variants(model, args.gates, args.control, args.half_strength):
         tick = time.time()
         pictures = sample(variant, vae, encoded, seeds, args.steps, args.cfg, args.batch)
         scores = [read_and_score(q, img) for q, img in zip(prompts, pictures)]

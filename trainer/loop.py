@@ -73,6 +73,8 @@ def read_hidden_states_as_constants(gate_set) -> None:
     parameters. Idempotent.
     """
     for head in gate_set.heads.values():
+        if not hasattr(head, "feature_net"):  # not a gate head (the Shapes study's control trains through this loop)
+            continue
         if not getattr(head.feature_net, "_maskattn_constant_input", False):
             head.feature_net.register_forward_pre_hook(lambda module, args: (args[0].detach(), *args[1:]))
             head.feature_net._maskattn_constant_input = True
