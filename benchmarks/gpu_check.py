@@ -27,6 +27,8 @@ Budget (seconds on one H100; the sampling and Visualize parts choose their round
 run so that they fit, the trainer runs 2 warm-up and 6 timed steps per configuration):
 start and build 60, sampling fp16 120, Visualize Mask 50, sampling bf16 120, trainer 120:
 about 470 s, so 8 minutes with the start of the Python process; `--budget-s` scales the parts.
+As a guard, nothing starts after `--deadline-s` (520 s: the device tool stops a command at 600 s)
+and the JSON is rewritten after every part, so a run cut short keeps what it measured.
 
 On the lent GPU machine (what an earlier session found; the image may have changed):
 - torch 2.11 (cu130), Python 3.12, and none of ComfyUI's own requirements beyond what torch
@@ -309,7 +311,8 @@ def visualize_part(model, clip, dtype_name: str, plan: Plan, budget_s: float) ->
     return rows
 
 
-def trainer_part(unet, clip, vae, dtype_name: str, plan: Plan, attention: str, work: Path) -> list[dict]:
+def trainer_part(unet, clip, vae, dtype_name: str, plan: Plan, attention: str, work: Path,
+                 deadline: float = math.inf) -> list[dict]:
     """trainer/train.py's train() at batch 1 and 2, without and with gradient checkpointing."""
     import torch
 
@@ -344,7 +347,7 @@ def trainer_part(unet, clip, vae, dtype_name: str, plan: Plan, attention: str, w
     saved = (trainer.base_model.load_checkpoint, comfy_attention.optimized_attention,
              comfy_attention.optimized_attention_masked)
     chosen = TRAINER_ATTENTION[attention]
-    rows = []
+    rows, longest = [], 0.0
     try:
         trainer.base_model.load_checkpoint = random_sdxl
         if chosen:
@@ -362,7 +365,12 @@ def trainer_part(unet, clip, vae, dtype_name: str, plan: Plan, attention: str, w
                 what = f"batch {batch}, {'with' if checkpointing else 'no'} gradient checkpointing"
                 where = (f"{dtype_name}, {plan.trainer_resolution} px, accumulation 1, {attention} attention, "
                          f"{warm}+{timed} steps")
+                if time.perf_counter() + longest > deadline:
+                    rows.append({"part": f"trainer, {what}", "configuration": where, "goal": None, "met": None,
+                                 "result": "SKIPPED: would end past --deadline-s", "skipped": True})
+                    continue
                 peak = PeakMemory(device)
+                config_started = time.perf_counter()
                 try:
                     peak.start()
                     train(config, World())
@@ -384,6 +392,7 @@ def trainer_part(unet, clip, vae, dtype_name: str, plan: Plan, attention: str, w
                     rows.append(failed_row(f"trainer, {what}", where, error))
                 finally:
                     free_memory()
+                    longest = max(longest, time.perf_counter() - config_started)
     finally:
         trainer.base_model.load_checkpoint, comfy_attention.optimized_attention, \
             comfy_attention.optimized_attention_masked = saved
@@ -460,6 +469,9 @@ def main(argv=None) -> int:
     parser.add_argument("--trainer-attention", choices=sorted(TRAINER_ATTENTION), default="split",
                         help="ComfyUI attention for the trainer part (default split: no fused SDPA kernel)")
     parser.add_argument("--budget-s", type=float, help="seconds for the whole run (default 470; scales the parts)")
+    parser.add_argument("--deadline-s", type=float, default=520,
+                        help="skip what would start after this many seconds (default 520: the device tool's "
+                             "600 s limit less the Python start and a margin)")
     parser.add_argument("--parts", nargs="+", choices=("sampling", "visualize", "trainer"),
                         default=["sampling", "visualize", "trainer"])
     parser.add_argument("--json", type=Path, help="also write every number here")
@@ -506,12 +518,27 @@ def main(argv=None) -> int:
     rows, seconds = [], {}
     work = Path(tempfile.mkdtemp(prefix="maskattn-gpu-check-"))
 
+    deadline = started + args.deadline_s
+
+    def save():  # after every part, so a run cut short still leaves what it measured
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"environment": env, "smoke": args.smoke, "seconds": seconds,
+                                             "total_s": time.perf_counter() - started,
+                                             "trainer_attention": args.trainer_attention, "rows": rows},
+                                            indent=1, default=str))
+
     def report(new_rows):
         rows.extend(new_rows)
         print(table(new_rows), flush=True)
+        save()
 
     def part(name, fn, *fn_args, where=""):
         t0 = time.perf_counter()
+        if t0 > deadline:
+            report([{"part": name, "configuration": where, "result": f"SKIPPED: past --deadline-s {args.deadline_s:g}",
+                     "goal": None, "met": None, "skipped": True}])
+            return
         try:
             report(fn(*fn_args))
         except Exception as error:
@@ -554,7 +581,7 @@ def main(argv=None) -> int:
         chosen = unet_dtype("auto")  # the trainer's default precision on this device
         dtype_name = next((k for k, v in DTYPES.items() if chosen is not None and getattr(torch, v) == chosen), "fp32")
         part("trainer", lambda: trainer_part(unet_in(dtype_name), clip, vae, dtype_name, plan, args.trainer_attention,
-                                              work / "trainer"), where=dtype_name)
+                                              work / "trainer", deadline), where=dtype_name)
 
     total = time.perf_counter() - started
     print(f"\nGPU check: {env['device']}; torch {env['torch']} (CUDA {env['cuda']}), Python {env['python']}, "
@@ -562,11 +589,7 @@ def main(argv=None) -> int:
           f"with {args.trainer_attention} attention; {total:.0f} s in all ("
           + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + ")\n")
     print(table(rows), flush=True)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"environment": env, "smoke": args.smoke, "seconds": seconds,
-                                         "total_s": total, "trainer_attention": args.trainer_attention,
-                                         "rows": rows}, indent=1, default=str))
+    save()
     return 1 if any(row.get("failed") for row in rows) else 0
 
 
