@@ -24,9 +24,15 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
 PROJECT, COMFY = PYPROJECT["project"], PYPROJECT["tool"]["comfy"]
-# comfy-cli 1.23.0's pattern for requires-comfyui (registry/config_parser.py, validate_version): a part
-# that does not match is dropped with a warning, and the registry then shows no ComfyUI requirement.
-COMFY_CLI_VERSION_PART = re.compile(r"^(?:(==|>=|<=|!=|~=|>|<|<>|=)\s*)?(\d+\.\d+\.\d+(?:-[a-zA-Z0-9]+)?)?$")
+# What comfy-cli 1.23.0 accepts in each comma-separated part of requires-comfyui: an optional comparison,
+# then major.minor.patch with an optional -suffix. Anything else is dropped with a warning, and the
+# registry then shows no ComfyUI requirement at all.
+COMPARISONS = ("==", ">=", "<=", "!=", "~=", "<>", ">", "<", "=")
+
+
+def comfy_cli_accepts(part: str) -> bool:
+    rest = next((part[len(op):] for op in COMPARISONS if part.startswith(op)), part).strip()
+    return re.fullmatch(r"\d+\.\d+\.\d+(-[A-Za-z0-9]+)?", rest) is not None
 TORCH = {"torch", "torchvision", "torchaudio", "xformers", "triton"}
 
 
@@ -53,11 +59,17 @@ def test_version_is_x_y_z_and_pep_440_and_the_changelogs_newest_release():
     assert [Version(v) for v in releases] == sorted((Version(v) for v in releases), reverse=True)
 
 
+@pytest.mark.parametrize("text,accepted", [(">=0.3.64", True), ("0.3.75", True), (">=0.3.0,<0.40.0", True),
+                                           ("==1.0.0-beta", True), (">=0.3", False), ("latest", False), ("^0.3.64", False)])
+def test_the_requires_comfyui_rule_is_comfy_cli_s(text, accepted):
+    assert all(comfy_cli_accepts(part.strip()) for part in text.split(",")) is accepted
+
+
 def test_tool_comfy_has_what_publishing_needs():
     assert re.fullmatch(r"[a-z0-9][a-z0-9-]*", COMFY["PublisherId"])
     assert COMFY["DisplayName"].strip()
     for part in COMFY["requires-comfyui"].split(","):
-        assert COMFY_CLI_VERSION_PART.match(part.strip()), f"comfy-cli would drop requires-comfyui: {part!r}"
+        assert comfy_cli_accepts(part.strip()), f"comfy-cli would drop requires-comfyui: {part!r}"
     floor = re.search(r">=\s*(\d+\.\d+\.\d+)", COMFY["requires-comfyui"]).group(1)
     assert Version(floor) <= Version("0.3.75"), "the floor must not exclude the ComfyUI the tests run on"
     assert COMFY.get("includes", []) == []
