@@ -53,7 +53,6 @@ import argparse
 import gc
 import json
 import math
-import os
 import platform
 import statistics
 import sys
@@ -314,7 +313,6 @@ def visualize_part(model, clip, dtype_name: str, plan: Plan, budget_s: float) ->
 def trainer_part(unet, clip, vae, dtype_name: str, plan: Plan, attention: str, work: Path,
                  deadline: float = math.inf) -> list[dict]:
     """trainer/train.py's train() at batch 1 and 2, without and with gradient checkpointing."""
-    import torch
 
     import comfy.ldm.modules.attention as comfy_attention
     import comfy.model_management as mm
@@ -508,13 +506,10 @@ def main(argv=None) -> int:
     for note in notes:
         print(f"[gpu_check] {note}", flush=True)
 
-    fill_device = mm.get_torch_device()
-    unet_config = None
-    if args.smoke:
-        from maskattn_comfy.tiny_model import TINY_UNET_CONFIG
-        unet_config = TINY_UNET_CONFIG
-    else:
-        unet_config = SDXL_UNET_CONFIG
+    from maskattn_comfy.tiny_model import TINY_UNET_CONFIG
+
+    fill_device = mm.get_torch_device()  # random weights are drawn where they are fastest to draw
+    unet_config = TINY_UNET_CONFIG if args.smoke else SDXL_UNET_CONFIG
     rows, seconds = [], {}
     work = Path(tempfile.mkdtemp(prefix="maskattn-gpu-check-"))
 
