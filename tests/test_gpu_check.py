@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,3 +66,32 @@ def test_the_numbers_are_sane(smoke):
         assert math.isfinite(row["steps_per_s"]) and row["steps_per_s"] > 0
         assert row["peak_mib"] > 0 and row["skipped_steps"] == 0
     assert result["total_s"] > 0 and set(result["seconds"]) >= {"build", "sampling fp32", "visualize", "trainer"}
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("maskattn_gpu_check", REPO / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks itself up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_full_check_is_budgeted_under_nine_minutes(gpu_check):
+    plan = gpu_check.FULL
+    total = sum(plan.budget_s.values()) + plan.budget_s["sampling"] * (len(plan.dtypes) - 1)
+    assert total <= 480 and plan.size == 1024 and plan.dtypes == ("fp16", "bf16") and plan.trainer_resolution == 1024
+    help_text = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--help"],
+                               capture_output=True, text=True, timeout=60).stdout
+    deadline = int(re.search(r"default (\d+): the device tool", " ".join(help_text.split())).group(1))
+    assert total < deadline <= 540 - 15, "a part may start only while there is time left to finish under 9 minutes"
+
+
+def test_rounds_follow_the_part_s_budget_within_bounds(gpu_check):
+    plan = gpu_check.FULL
+    assert gpu_check.rounds_for(120, 7.0, plan) == 17
+    assert gpu_check.rounds_for(5, 7.0, plan) == plan.min_rounds
+    assert gpu_check.rounds_for(10_000, 1.0, plan) == plan.max_rounds
+    assert gpu_check.rounds_for(120, 7.0, gpu_check.SMOKE) == gpu_check.SMOKE.min_rounds
