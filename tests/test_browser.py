@@ -6,6 +6,7 @@ Chromium is Debian's `chromium` (or $MASKATTN_CHROMIUM); without it these tests 
 
 import importlib.metadata
 import json
+import os
 import shutil
 import sys
 import urllib.request
@@ -22,6 +23,8 @@ from headless import ComfyServer  # noqa: E402
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (requirements-dev.txt)")
 CHROMIUM = chromium_executable()
+if CHROMIUM is None and os.environ.get("CI"):
+    raise RuntimeError("CI must run the browser tests: .ci/run installs Debian's chromium (or set MASKATTN_CHROMIUM)")
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="no Chromium: apt-get install chromium, or set MASKATTN_CHROMIUM to its executable")
 
