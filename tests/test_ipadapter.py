@@ -91,7 +91,8 @@ class Probe:
             out = replace(q, k, v, extra_options)
             n, context = extra_options.pop("probe_inputs")
             self.calls.append(dict(key=key, n=n, context=context, q=q, k=k, v=v, mask=mask, out=out,
-                                   heads=extra_options["n_heads"], cond_or_uncond=list(extra_options["cond_or_uncond"])))
+                                   heads=extra_options["n_heads"], cond_or_uncond=list(extra_options["cond_or_uncond"]),
+                                   extra_options=dict(extra_options)))
             return out
         return recorded
 
@@ -238,6 +239,38 @@ def test_ipadapters_own_step_range_still_decides_when_its_image_prompt_acts(ipad
             opened = check.hard_gate(gates.head_for(call["key"]), call["n"], call["context"], call["mask"][:, 0] == 0)
             text = check.masked_attention(call["q"], call["k"], call["v"], opened, call["heads"])
             assert float((call["out"].double() - text).abs().max() / text.abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_ipadapters_attention_mask_weight_type_and_scaling_reach_its_image_prompt_unchanged(
+        ipadapter_plus, tiny, gates, order):
+    # IPAdapter's own callbacks, called here on each layer's q with their own arguments, are the image prompt's oracle.
+    adapter = Adapter(tiny, seed=3)
+    region = torch.zeros(1, 128, 128)
+    region[:, :, :64] = 1.0  # the image prompt only on the left half
+
+    def apply(model):
+        return ipadapter_plus.IPAdapterEmbeds().apply_ipadapter(
+            model, as_ipadapter_model(adapter.flat), adapter.positive, 0.8, "ease in", 0.0, 1.0,
+            neg_embed=adapter.negative, attn_mask=region, embeds_scaling="K+V")[0]
+
+    model = no_warnings(lambda: apply_maskattn(apply(tiny), gates) if order == "ipadapter_then_maskattn"
+                        else apply(apply_maskattn(tiny, gates)))
+    replaces = model.model_options["transformer_options"]["patches_replace"]["attn2"]
+    probe = Probe(model, gates.layers)
+    no_warnings(lambda: sample(probe.model, steps=2))
+    check = ReferenceCheck(apply_maskattn(tiny, gates))
+    for call in probe.calls:
+        opened = check.hard_gate(gates.head_for(call["key"]), call["n"], call["context"], call["mask"][:, 0] == 0)
+        text = check.masked_attention(call["q"], call["k"], call["v"], opened, call["heads"])
+        image_prompt = replaces[call["key"]].image_prompt
+        with torch.no_grad():
+            image = sum(callback(call["out"], call["q"], call["k"], call["v"], call["extra_options"], **kwargs)
+                        for callback, kwargs in zip(image_prompt.callback, image_prompt.kwargs))
+        expected = text + image.double()
+        assert float((call["out"].double() - expected).abs().max() / expected.abs().max()) < 1e-5
+        assert image.abs().max() > 0.1 * text.abs().max()
+        assert (image.abs().amax(-1) == 0).any()  # IPAdapter's attention mask keeps the right half free of it
 
 
 # -- what MaskAttn cannot compose with is still a clear stop ----------------------------------------
