@@ -16,11 +16,12 @@ from pathlib import Path
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts" / "browser"
 TIMEOUT_MS = 120_000  # two slow shared cores: the frontend's bundle alone takes seconds to parse
 
-# Read by the frontend at start: no first-run template dialog, no minimap over the canvas, quick tooltips.
+# Read by the frontend at start: no first-run template dialog, no minimap over the canvas, quick tooltips,
 SETTINGS = {
     "Comfy.TutorialCompleted": True,
     "Comfy.Minimap.Visible": False,
     "LiteGraph.Node.TooltipDelay": 100,
+    "LiteGraph.Canvas.MinFontSizeForLOD": 0,  # text and widgets drawn at any zoom, for the screenshots
 }
 
 
@@ -60,12 +61,22 @@ FIT_VIEW = """async () => {
   const c = window.app.canvas, nodes = window.app.graph.nodes;
   const x0 = Math.min(...nodes.map(n => n.pos[0])), y0 = Math.min(...nodes.map(n => n.pos[1] - 30));
   const x1 = Math.max(...nodes.map(n => n.pos[0] + n.size[0])), y1 = Math.max(...nodes.map(n => n.pos[1] + n.size[1]));
-  const rect = c.canvas.getBoundingClientRect(), left = 70, top = 130;
+  const rect = c.canvas.getBoundingClientRect(), left = 70, top = 160;
   const scale = Math.min((rect.width - left - 20) / (x1 - x0), (rect.height - top - 20) / (y1 - y0), 1);
   c.ds.scale = scale;
   c.ds.offset = [left / scale - x0, top / scale - y0];
   c.setDirty(true, true);
   await new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)));
+}"""
+
+# The nodes' bounding box in page pixels (titles included), clipped to the window.
+GRAPH_BOX = """() => {
+  const c = window.app.canvas, nodes = window.app.graph.nodes, ds = c.ds, rect = c.canvas.getBoundingClientRect();
+  const x = (v) => rect.left + (v + ds.offset[0]) * ds.scale, y = (v) => rect.top + (v + ds.offset[1]) * ds.scale;
+  return [Math.max(0, x(Math.min(...nodes.map(n => n.pos[0]))) - 10),
+          Math.max(0, y(Math.min(...nodes.map(n => n.pos[1] - 30))) - 10),
+          Math.min(rect.right, x(Math.max(...nodes.map(n => n.pos[0] + n.size[0]))) + 10),
+          Math.min(rect.bottom, y(Math.max(...nodes.map(n => n.pos[1] + n.size[1]))) + 10)];
 }"""
 
 # Where a node's widget is drawn, in page pixels (graph position + offset, times the scale).
@@ -95,7 +106,7 @@ class Frontend:
 
     def __init__(self, browser, server_url: str):
         self.url = server_url
-        self.context = browser.new_context(viewport={"width": 1600, "height": 1200})
+        self.context = browser.new_context(viewport={"width": 1920, "height": 1200})
         self.context.set_default_timeout(TIMEOUT_MS)
         self.context.route(lambda url: not url.startswith(server_url), lambda route: route.abort())
         self.page = self.context.new_page()
@@ -145,11 +156,13 @@ class Frontend:
         from PIL import Image
 
         shot = ARTIFACTS / f"template_{name}.png"
+        box = self.page.evaluate(GRAPH_BOX)
         with Image.open(shot) as image:
-            graph = image.convert("RGB").crop((60, 110, image.width, 110 + (image.width - 60) * 7 // 16))
+            graph = image.convert("RGB").crop(tuple(round(v) for v in box))
             background = image.getpixel((image.width // 2, image.height - 40))
-        square = Image.new("RGB", (graph.width, graph.width), background)
-        square.paste(graph, (0, (graph.width - graph.height) // 2))
+        side = max(graph.size)
+        square = Image.new("RGB", (side, side), background)
+        square.paste(graph, ((side - graph.width) // 2, (side - graph.height) // 2))
         path = ARTIFACTS / f"{name}.jpg"
         square.resize((640, 640), Image.LANCZOS).save(path, quality=88)
         return path
