@@ -527,3 +527,25 @@ def test_centre_crop_and_aspect_buckets_set_sdxl_size_conditioning(tmp_path):
     assert size.target in buckets_for(32) and size.target[0] > size.target[1]
     assert pixels.shape == (size.target[1], size.target[0], 3)
     assert all(w % 8 == 0 and h % 8 == 0 for w, h in buckets_for(512)) and (512, 512) in buckets_for(512)
+
+
+def _metrics(output):
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_base_loss_is_the_ungated_models_loss_on_the_same_batch(tmp_path, dataset, shared_cache):
+    # Gates that start wide open are the unpatched model exactly: at the first step both losses agree to the bit.
+    code, out = train(tmp_path / "open", "--steps", "4", "--base-loss-every", "1", "--gate-init-bias", "40",
+                      data=dataset, cache=shared_cache)
+    assert code == 0
+    first = _metrics(out)[0]
+    assert first["loss_base"] == first["loss"]
+    # Gates that close connections: the base loss is logged every 2 steps, on those steps' batches, and differs.
+    code, out = train(tmp_path / "closing", "--steps", "4", "--base-loss-every", "2", "--log-every", "3",
+                      data=dataset, cache=shared_cache)
+    records = _metrics(out)
+    assert [r["step"] for r in records if "loss_base" in r] == [2, 4]
+    assert all(r["loss_base"] != r["loss"] and r["loss_base"] > 0 for r in records if "loss_base" in r)
+    code, out = train(tmp_path / "open_later", "--steps", "2", "--base-loss-every", "1", "--gate-init-bias", "40",
+                      data=dataset, cache=shared_cache)
+    assert [r["loss_base"] for r in _metrics(out)] == [r["loss_base"] for r in _metrics(tmp_path / "open")][:2]

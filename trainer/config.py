@@ -70,6 +70,7 @@ class TrainConfig:
     bad_captions: str = "skip"           # skip | fail
     # Telling the user.
     log_every: int = 1
+    base_loss_every: int = 10            # also log the loss without gates on the same batch (0: off)
     progress: bool = True
     tensorboard: bool = True             # when the tensorboard package is installed
     validate_every: int = 0              # render validation samples every N steps (0: off)
@@ -92,6 +93,8 @@ class TrainConfig:
         for name in positive:
             if int(getattr(self, name)) <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.base_loss_every < 0:
+            raise ConfigError(f"base_loss_every must be 0 (off) or a positive number of steps, got {self.base_loss_every}")
         if self.validate_every < 0:
             raise ConfigError(f"validate_every must be 0 (off) or a positive number of steps, got {self.validate_every}")
         if self.validate_sampler_steps <= 0:
@@ -194,6 +197,9 @@ HELP = {
     "cache_dir": "where encoded latents and text embeddings are cached (default: <output>/cache)",
     "bad_images": "skip (and count) or fail on unreadable, corrupt or oversized images and bad image entries",
     "bad_captions": "skip (and count) or fail on missing, empty or non-text captions",
+    "base_loss_every": "every N steps also compute the frozen model's loss without gates on the same batch (same "
+                       "noise and timesteps) and log it as loss_base: gates that help bring loss below it (0: off; "
+                       "costs one forward pass every N steps)",
     "log_every": "write metrics every N steps", "progress": "show the progress bar",
     "tensorboard": "also log to TensorBoard when it is installed",
     "validate_every": "every N steps, render fixed-seed samples without and with the current gates, side by side, "

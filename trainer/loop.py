@@ -158,6 +158,7 @@ class StepResult:
     skipped: bool = False  # non-finite gradients: no update was made
     grad_norm_by_stage: dict = field(default_factory=dict)  # before clipping, like grad_norm
     notes: list = field(default_factory=list)  # things to tell the user (a caption cut, once per caption)
+    base_loss: float | None = None  # the frozen model's loss on the same batch without gates (--base-loss-every)
 
 
 class GateTrainer:
@@ -170,8 +171,9 @@ class GateTrainer:
     """
 
     def __init__(self, patched, gate_set, prediction: str, cache: FeatureCache, items: list[Item], config,
-                 world: World):
+                 world: World, unpatched=None):
         self.patched, self.gate_set, self.prediction = patched, gate_set, prediction
+        self.unpatched = unpatched  # the same model without gates, for --base-loss-every
         self.cache, self.items, self.config, self.world = cache, items, config, world
         read_hidden_states_as_constants(gate_set)
         self.params = [p for p in gate_set.parameters()]
@@ -216,7 +218,8 @@ class GateTrainer:
             sigmas.append(sampling.sigmas[t].float().cpu())
         return torch.stack(noises), torch.stack(sigmas)
 
-    def micro_step_loss(self, micro_step: int) -> tuple[torch.Tensor, float]:
+    def micro_step_loss(self, micro_step: int, model_patcher=None) -> tuple[torch.Tensor, float]:
+        """The loss of one micro-batch through `model_patcher` (default: the gated model)."""
         started = time.perf_counter()
         indices = self.micro_batch(micro_step)
         cut = []
@@ -232,8 +235,16 @@ class GateTrainer:
         y = sdxl_adm(model, pooled, sizes)
         noise, sigma = self.sample_noise(micro_step, x0.shape[1:], x0.shape[0])
         data_seconds = time.perf_counter() - started
-        loss = noise_prediction_loss(self.patched, self.prediction, x0, noise, sigma, context, y)
+        loss = noise_prediction_loss(model_patcher or self.patched, self.prediction, x0, noise, sigma, context, y)
         return loss, data_seconds
+
+    def base_loss(self, step: int) -> float:
+        """The frozen model's loss without gates on optimizer step `step`'s micro-batches, with the same noise
+        and timesteps: the number the gated loss must get below for the gates to be helping."""
+        accum = self.config.grad_accum
+        with torch.no_grad():
+            total = sum(float(self.micro_step_loss(step * accum + a, self.unpatched)[0]) for a in range(accum)) / accum
+        return self.world.average_scalar(total)
 
     def train_step(self) -> StepResult:
         started = time.perf_counter()
@@ -247,6 +258,8 @@ class GateTrainer:
             data_seconds += seconds
         self.world.average_gradients(self.params)
         total = self.world.average_scalar(total)
+        every = getattr(self.config, "base_loss_every", 0)
+        base = self.base_loss(self.step) if self.unpatched is not None and every and (self.step + 1) % every == 0 else None
         grad_norm, by_stage = gradient_norms(self.stage_params)
         lr = self.scheduler.get_last_lr()[0]
         finite = math.isfinite(grad_norm)  # float64: inf or NaN only when a gradient value is
@@ -260,7 +273,7 @@ class GateTrainer:
         self.step += 1
         notes, self._notes = self._notes, []
         return StepResult(total, lr, grad_norm, data_seconds, time.perf_counter() - started, skipped=not finite,
-                          grad_norm_by_stage=by_stage, notes=notes)
+                          grad_norm_by_stage=by_stage, notes=notes, base_loss=base)
 
     # -- state for checkpoints -------------------------------------------------------------
     def state_dict(self) -> dict:

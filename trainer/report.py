@@ -65,6 +65,8 @@ class Report:
             record = {"step": step, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
                       "grad_norm_by_stage": result.grad_norm_by_stage,
                       "step_seconds": round(result.seconds, 6), "data_seconds": round(result.data_seconds, 6)}
+            if result.base_loss is not None:
+                record["loss_base"] = result.base_loss
             if result.skipped:
                 record["skipped"] = "non-finite gradients: no update"
                 self.note(f"step {step}: non-finite gradients (loss {result.loss}, gradient norm by stage "
@@ -72,8 +74,9 @@ class Report:
             self.metrics.write(json.dumps(record) + "\n")
             self.metrics.flush()
             if self.writer is not None:
-                for key in ("loss", "lr", "grad_norm", "step_seconds"):
-                    self.writer.add_scalar(f"train/{key}", record[key], step)
+                for key in ("loss", "loss_base", "lr", "grad_norm", "step_seconds"):
+                    if key in record:
+                        self.writer.add_scalar(f"train/{key}", record[key], step)
                 for stage, norm in result.grad_norm_by_stage.items():
                     self.writer.add_scalar(f"train/grad_norm_{stage}", norm, step)
 

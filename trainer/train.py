@@ -148,7 +148,8 @@ def train(config: TrainConfig, world: World) -> int:
         enable_gradient_checkpointing(patched)
     world.broadcast_parameters(list(gate_set.parameters()))
 
-    trainer = GateTrainer(patched, gate_set, base.provenance["prediction"], cache, prepared.items, config, world)
+    trainer = GateTrainer(patched, gate_set, base.provenance["prediction"], cache, prepared.items, config, world,
+                          unpatched=base.patcher)
     if state is not None:
         trainer.load_state_dict(state)
         set_rng_state(state["rng"])
@@ -187,7 +188,8 @@ def train(config: TrainConfig, world: World) -> int:
     try:
         while trainer.step < stop_at:
             result = trainer.train_step()
-            report.step(trainer.step, result, trainer.step % config.log_every == 0 or trainer.step == stop_at)
+            report.step(trainer.step, result, trainer.step % config.log_every == 0 or trainer.step == stop_at
+                        or result.base_loss is not None)
             interrupted = world.any(bool(received))
             if interrupted or trainer.step % config.save_every == 0 or trainer.step == stop_at:
                 checkpoint()
