@@ -60,7 +60,7 @@ def node_of(api, class_type) -> str:
 
 def test_both_packs_load_from_custom_nodes(server):
     info = server.get("/object_info")
-    assert {"IPAdapterAdvanced", "IPAdapterModelLoader", "MaskAttnLoader"} <= set(info)
+    assert {"IPAdapterAdvanced", "IPAdapterModelLoader", "MaskAttnLoader"} <= set(info), server.log()[-3000:]
     assert "IMPORT FAILED" not in server.log()
 
 
