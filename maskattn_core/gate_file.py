@@ -41,15 +41,19 @@ class GateFileError(ValueError):
     """A gate file that cannot be read as MaskAttn gates; the message says why and what to do."""
 
 
-def save_gate_file(gate_set: GateSet, path: str | os.PathLike) -> Path:
-    """Write atomically: a temporary file in the same folder, fsync, then a rename."""
+def save_gate_file(gate_set: GateSet, path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
+    """Write atomically: a temporary file in the same folder, fsync, then a rename. `dtype` float16 halves
+    the file (the gates still compute in float32, from the rounded weights)."""
     path = Path(path)
-    tensors = {f"heads.{name}": t.detach().to("cpu", torch.float32).contiguous()
+    tensors = {f"heads.{name}": t.detach().to("cpu", dtype).contiguous()
                for name, t in gate_set.heads.state_dict().items()}
+    config = gate_set.config.to_dict()
+    if config.get("gate") == "hard":  # the paper's gate, and all that 0.1.0 readers know: leave the key out
+        del config["gate"]
     metadata = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
-        "config": json.dumps(gate_set.config.to_dict(), sort_keys=True),
+        "config": json.dumps(config, sort_keys=True),
         "layer_heads": json.dumps(gate_set.layer_heads),
         "head_dims": json.dumps({n: [h.feature_dim, h.token_dim, h.hidden_dim] for n, h in gate_set.heads.items()},
                                 sort_keys=True),

@@ -75,3 +75,22 @@ def _keeping(logits_fn, kept):
         kept.append(out)
         return out
     return logits
+
+
+def test_the_gate_file_keeps_the_gate_and_hard_files_stay_readable_by_older_loaders(tiny, tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    for mode in ("hard", "soft"):
+        gates = tiny_gates(tiny, gain=10, gate=mode)
+        path = save_gate_file(gates, tmp_path / f"{mode}.safetensors", dtype=torch.float16)
+        with safe_open(str(path), "pt") as f:
+            config = json.loads(f.metadata()["config"])
+            assert f.get_tensor(f.keys()[0]).dtype == torch.float16
+        assert ("gate" in config) == (mode == "soft")  # 0.1.0 refuses unknown keys; hard files carry none
+        loaded = load_gate_file(path)
+        assert loaded.config.gate == mode
+        original = dict(gates.heads.state_dict())
+        for name, tensor in loaded.heads.state_dict().items():
+            assert torch.equal(tensor, original[name].to(torch.float16).float())
