@@ -30,6 +30,7 @@ SHAPES_CLIP_CONFIG = {"num_hidden_layers": 3, "intermediate_size": 512, "num_att
 TEXT_SEED = 20260926
 WEIGHTS = Path(__file__).resolve().parent / "weights" / "shapes_base.safetensors"
 GATES = Path(__file__).resolve().parent / "gates"  # gates trained on the world; the Loader lists them
+CONTROL = WEIGHTS.parent / "shapes_control.safetensors"  # the study's control (maskattn_shapes/control.py)
 FORMAT = "maskattn-shapes-base"
 LATENT_SCALE = 0.13025  # SDXL's latent_format.scale_factor: the model multiplies raw latents by it
 

@@ -120,9 +120,9 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--seed", type=int, default=0, help="prompt draw; prompt i is sampled with seed + i")
     p.add_argument("--gates", nargs="*", type=Path,
-                   default=[shapes.GATES / "shapes_gates.safetensors", shapes.GATES / "shapes_gates_all.safetensors"])
+                   default=[shapes.GATES / f"shapes_gates{suffix}.safetensors" for suffix in ("", "_all", "_high", "_soft")])
     p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
-    p.add_argument("--control", nargs="*", type=Path, default=[],
+    p.add_argument("--control", nargs="*", type=Path, default=[shapes.CONTROL],
                    help="control files (python -m maskattn_shapes.control): the base with the same extra training, no gates")
     p.add_argument("--half-strength", action="store_true", help="also the first gate file at strength 0.5")
     p.add_argument("--threads", type=int, default=0)
