@@ -91,11 +91,11 @@ WIDGET_POINT = """([type, name]) => {
 
 
 # Anything open over the canvas: a dialog, a LiteGraph menu, the node search box, a side panel.
-OVERLAYS = """() => [...document.querySelectorAll('.p-dialog, .litecontextmenu, .side-bar-panel')]
-  .filter(e => e.offsetParent !== null || e.classList.contains('litecontextmenu')).map(e => e.className)"""
+OVERLAYS = """() => [...document.querySelectorAll('[role=dialog], .p-dialog, .litecontextmenu, .side-bar-panel')]
+  .filter(e => e.checkVisibility() || e.classList.contains('litecontextmenu')).map(e => e.className)"""
 CLOSE_OVERLAYS = """() => {
   document.querySelectorAll('.litecontextmenu').forEach(m => m.close ? m.close() : m.remove());
-  document.querySelectorAll('.p-dialog').forEach(d => d.querySelector('button[aria-label=Close], .p-dialog-close-button')?.click());
+  document.querySelectorAll('[role=dialog], .p-dialog').forEach(d => d.querySelector('button[aria-label=Close], .p-dialog-close-button')?.click());
   const sidebar = window.app.extensionManager.sidebarTab;
   if (sidebar.activeSidebarTabId) sidebar.toggleSidebarTab(sidebar.activeSidebarTabId);
 }"""
@@ -192,7 +192,7 @@ class Frontend:
 
     def open_dialogs(self) -> list[str]:
         return self.page.evaluate(
-            "() => [...document.querySelectorAll('.p-dialog')].filter(d => d.offsetParent !== null)"
+            "() => [...document.querySelectorAll('[role=dialog], .p-dialog')].filter(d => d.checkVisibility())"
             ".map(d => d.innerText)")
 
     def events(self, kind: str | None = None) -> list[dict]:

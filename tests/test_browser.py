@@ -30,8 +30,9 @@ pytestmark = [
     pytest.mark.skipif(CHROMIUM is None,
                        reason="no Chromium: apt-get install chromium, or set MASKATTN_CHROMIUM to its executable"),
     # The selectors follow the frontend's DOM, which changes between its releases.
-    pytest.mark.skipif(not FRONTEND.startswith("1.32."),
-                       reason=f"written against comfyui-frontend-package 1.32 (ComfyUI 0.3.75's); this host serves {FRONTEND}"),
+    pytest.mark.skipif(not FRONTEND.startswith(("1.32.", "1.49.")),
+                       reason=f"written against comfyui-frontend-package 1.32 and 1.49 (ComfyUI 0.3.75's and "
+                              f"0.33.0's); this host serves {FRONTEND}"),
 ]
 
 PACK_NODES = {"MaskAttnLoader": "MaskAttn Loader", "MaskAttnVisualize": "Visualize Mask",
@@ -100,7 +101,7 @@ def load_template(frontend, name: str):
     page = frontend.page
     page.evaluate("() => window.app.graph.nodes.forEach(n => { n.maskattnStale = true })")
     frontend.command("Comfy.BrowseTemplates")
-    browser = page.locator(".p-dialog").filter(has=page.get_by_text("Model Filter"))
+    browser = page.get_by_role("dialog").filter(has=page.get_by_text("Model Filter"))
     browser.get_by_text("ComfyUI-MaskAttn", exact=True).click()
     browser.locator(f'h3[title="{name}"]').click()
     workflow = json.loads((REPO / "example_workflows" / f"{name}.json").read_text())
@@ -120,39 +121,35 @@ def test_the_server_serves_comfyuis_frontend_package(server, frontend):
 
 def test_node_library_lists_the_pack_nodes_under_maskattn_with_their_descriptions(server, frontend):
     page = frontend.page
-    page.locator(".node-library-tab-button").click()
-    folder = page.locator('li[role=treeitem][aria-label="MaskAttn"]')
-    folder.locator(":scope > .p-tree-node-content").click()
-    leaves = folder.locator(":scope > ul > li[role=treeitem]")
+    page.get_by_role("button", name="Node Library").click()
+    page.get_by_role("treeitem", name="MaskAttn", exact=True).click()
+    leaves = page.get_by_role("treeitem", level=2)  # only the MaskAttn folder is open
     leaves.first.wait_for()
-    assert sorted(leaves.evaluate_all("els => els.map(e => e.getAttribute('aria-label'))")) == sorted(PACK_NODES.values())
+    names = leaves.evaluate_all("els => els.map(e => e.getAttribute('aria-label') || e.innerText.trim())")
+    assert sorted(names) == sorted(PACK_NODES.values())
     for node_id in ["MaskAttnShapesCheckpoint", "MaskAttnVisualize", "MaskAttnLoader"]:
         info = node_info(server, node_id)
         assert info["category"] == "MaskAttn"
-        leaves.filter(has_text=info["display_name"]).hover()
-        preview = page.locator("._sb_node_preview").filter(has_text=info["display_name"])
-        preview.wait_for()
-        assert preview.locator("._sb_description").inner_text().strip() == info["description"]
+        leaves.filter(has_text=info["display_name"]).hover(force=True)  # 1.49's virtual list never settles
+        page.get_by_text(info["description"], exact=True).wait_for()  # the node's preview card
     frontend.screenshot("node_library")
 
 
 def test_node_search_finds_the_pack_nodes_in_their_category(server, frontend):
     page = frontend.page
     frontend.command("Workspace.SearchBox.Toggle")
-    page.locator(".comfy-vue-node-search-box input, input.p-autocomplete-input").first.fill("MaskAttn")
-    options = page.locator("li.p-autocomplete-option")
-    page.wait_for_function("(names) => { const texts = [...document.querySelectorAll('li.p-autocomplete-option')]"
+    page.locator(".comfy-vue-node-search-box input, input[placeholder='Add a node...']").first.fill("MaskAttn")
+    page.wait_for_function("(names) => { const texts = [...document.querySelectorAll('[role=option]')]"
                            ".map(o => o.innerText.split('\\n')[0].trim()); return names.every(n => texts.includes(n)) }",
                            arg=list(PACK_NODES.values()))
     found = {}
-    for text in options.all_inner_texts():
+    for text in page.get_by_role("option").all_inner_texts():
         lines = [line.strip() for line in text.split("\n") if line.strip()]
-        found[lines[0]] = lines[1:]
+        if lines:
+            found[lines[0]] = lines[1:]
     for name in PACK_NODES.values():
         assert name in found and found[name][0] == "MaskAttn", found
-    preview = page.locator("._sb_node_preview").filter(has_text="MaskAttn Loader")
-    preview.wait_for()
-    assert node_info(server, "MaskAttnLoader")["description"] in preview.inner_text()
+    page.get_by_text(node_info(server, "MaskAttnLoader")["description"]).first.wait_for()  # preview or the row itself
     frontend.screenshot("node_search")
 
 
@@ -212,10 +209,10 @@ def test_queueing_the_demo_workflow_shows_the_visualize_mask_preview(server, fro
     page = frontend.page
     load_template(frontend, "maskattn_shapes")
     mark = len(frontend.console)
-    page.get_by_role("button", name="Run", exact=True).click()
+    page.get_by_role("button", name="Run", exact=True).first.click()
     # finished, failed, or refused before it ran (a dialog, e.g. for a node the server does not know)
     page.wait_for_function("() => window.__maskattnEvents.some(e => ['execution_success', 'execution_error']"
-                           ".includes(e.type)) || [...document.querySelectorAll('.p-dialog')].some(d => d.offsetParent)",
+                           ".includes(e.type)) || [...document.querySelectorAll('[role=dialog], .p-dialog')].some(d => d.checkVisibility())",
                            timeout=300_000)
     assert frontend.open_dialogs() == []
     assert frontend.events("execution_error") == []
@@ -232,16 +229,19 @@ def test_queueing_the_demo_workflow_shows_the_visualize_mask_preview(server, fro
     assert frontend.errors_since(mark) == []
 
 
-def test_a_corrupt_gate_file_shows_the_error_dialog_naming_it(server, frontend):
+def test_a_corrupt_gate_file_shows_the_error_naming_it(server, frontend):
     page = frontend.page
     load_template(frontend, "maskattn_shapes")
     page.mouse.click(*frontend.widget_point("MaskAttnLoader", "gate_name"))
     page.locator(".litecontextmenu .litemenu-entry", has_text=CORRUPT).click()
     assert frontend.widget_value("MaskAttnLoader", "gate_name") == CORRUPT
-    page.get_by_role("button", name="Run", exact=True).click()
-    dialog = page.locator(".p-dialog").filter(has_text=CORRUPT)
-    dialog.wait_for(timeout=300_000)
-    text = dialog.inner_text()
-    assert "MaskAttnLoader" in text and "not a readable safetensors file" in text
+    page.get_by_role("button", name="Run", exact=True).first.click()
+    # frontend 1.32 opens a dialog with the message; 1.49 a notice whose "View details" shows it
+    shown = page.get_by_role("dialog").filter(has_text=CORRUPT).or_(page.get_by_role("button", name="View details"))
+    shown.first.wait_for(timeout=300_000)
+    if not page.get_by_role("dialog").filter(has_text=CORRUPT).count():
+        page.get_by_role("button", name="View details").first.click()
+    message = page.get_by_text(CORRUPT).filter(has_text="not a readable safetensors file").first
+    message.wait_for()
     assert [e["detail"]["node_type"] for e in frontend.events("execution_error")] == ["MaskAttnLoader"]
     frontend.screenshot("corrupt_gate_error")
