@@ -4,7 +4,7 @@
 
 It starts ComfyUI on 127.0.0.1 with this pack installed and queues
 example_workflows/maskattn_shapes.json over HTTP for a few two-object prompts: the shipped
-Shapes model (MaskAttn Shapes Checkpoint) with the shipped gates (shapes_gates.safetensors),
+Shapes model (MaskAttn Shapes Checkpoint) with the shipped soft gates (shapes_gates_soft.safetensors; EVIDENCE.md says why these),
 once at strength 1 and once at strength 0 (the plain model), with the same seed. It writes
 comparison.png (plain | gated, side by side, with what the evaluator read in each), maps.png
 (Visualize Mask: which words each image region may attend to) and the single images to --out.
