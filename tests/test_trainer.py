@@ -549,3 +549,19 @@ def test_the_base_loss_is_the_ungated_models_loss_on_the_same_batch(tmp_path, da
     code, out = train(tmp_path / "open_later", "--steps", "2", "--base-loss-every", "1", "--gate-init-bias", "40",
                       data=dataset, cache=shared_cache)
     assert [r["loss_base"] for r in _metrics(out)] == [r["loss_base"] for r in _metrics(tmp_path / "open")][:2]
+
+
+def test_a_checkpoint_from_before_the_gate_settings_existed_resumes(tmp_path, dataset, shared_cache):
+    code, out = train(tmp_path / "old", "--steps", 4, "--stop-at", 2, "--save-every", 100, data=dataset,
+                      cache=shared_cache)
+    assert code == 0
+    state_path = out / "checkpoints" / "step-00000002" / "state.pt"
+    state = torch.load(state_path, weights_only=True)
+    for key in ("gate", "gate_init_bias", "base_loss_every"):
+        state["config"].pop(key)
+    torch.save(state, state_path)
+    code, _ = train(out, "--steps", 4, "--save-every", 100, "--resume", data=dataset, cache=shared_cache)
+    assert code == 0
+    code, _ = train(out, "--steps", 4, "--save-every", 100, "--resume", "--gate", "soft", data=dataset,
+                    cache=shared_cache)
+    assert code == 1  # a setting that changes the computation still stops a resume

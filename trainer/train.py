@@ -11,6 +11,7 @@ the same keys. The result is `<output>/<name>.safetensors`, a file MaskAttn Load
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -232,7 +233,8 @@ RESUME_KEYS = ("stage", "placement", "threshold", "negative_value", "gate_hidden
 def check_resumable(config: TrainConfig, saved: dict, path: Path) -> None:
     """An exact continuation needs the settings that shape the computation to be unchanged."""
     now = config.to_dict()
-    defaults = TrainConfig().to_dict()  # a checkpoint from before a setting existed had its default
+    # A checkpoint from before a setting existed had the setting's default.
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     changed = [f"{k}: {saved.get(k, defaults[k])!r} -> {now[k]!r}" for k in RESUME_KEYS
                if saved.get(k, defaults[k]) != now[k]]
     if changed:
