@@ -60,6 +60,7 @@ class MaskAttnPatch:
         self.gate_set = gate_set
         self.options = options
         self.threshold = gate_set.config.threshold if options.threshold is None else options.threshold
+        self.soft = gate_set.config.gate == "soft"
         self.penalty = closed_logit(options.strength, gate_set.config.negative_value)
         self.sigma_range = sigma_range  # (sigma_start, sigma_end) or None for the whole schedule
         self.recorder = recorder
@@ -85,17 +86,21 @@ class MaskAttnPatch:
         head = self._heads_on(n.device)[head_name]
         tokens = self._token_features(head_name, head, context, extra_options)
         logits = head.logits(n, context, tokens)
-        probabilities = torch.sigmoid(logits)
-        opened = open_connections(probabilities, self.threshold)
-        if self.gate_set.config.gate == "soft":  # the ablation: weights scaled by p, forward and backward
+        self._pending = extra_options
+        if self.soft:  # the ablation: weights scaled by p, forward and backward; no hard gate to compute
             extra_options[MASK_KEY] = soft_mask(logits, self.options.strength, self.gate_set.config.negative_value,
                                                 n.dtype)
-        elif probabilities.requires_grad:  # training: forward the hard gate, backward through the probabilities
+            if self.recorder is not None:
+                probabilities = torch.sigmoid(logits)
+                self.recorder.gate(key, probabilities, open_connections(probabilities, self.threshold), extra_options)
+            return n, context, value
+        probabilities = torch.sigmoid(logits)
+        opened = open_connections(probabilities, self.threshold)
+        if probabilities.requires_grad:  # training: forward the hard gate, backward through the probabilities
             gate = straight_through(opened.to(probabilities.dtype), probabilities)
             extra_options[MASK_KEY] = additive_mask(gate, self.penalty, n.dtype)
         else:
             extra_options[MASK_KEY] = closed_mask(opened, self.penalty, n.dtype)
-        self._pending = extra_options
         if self.recorder is not None:
             self.recorder.gate(key, probabilities, opened, extra_options)
         return n, context, value
