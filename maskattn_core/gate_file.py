@@ -122,7 +122,8 @@ def _metadata(data: bytes, name: str) -> dict:
                             f"(format {raw.get('format')!r}, expected {FORMAT_NAME!r}); did you pick a checkpoint or a LoRA?")
     try:
         version = int(raw["format_version"])
-        parsed = {key: json.loads(raw[key]) for key in ("config", "layer_heads", "head_dims", "provenance")}
+        parsed = {key: json.loads(raw[key], object_pairs_hook=_unique_keys)
+                  for key in ("config", "layer_heads", "head_dims", "provenance")}
     except (KeyError, ValueError, TypeError, RecursionError) as error:
         raise GateFileError(f"{name}: damaged MaskAttn metadata ({error!r})") from error
     if version > FORMAT_VERSION:
@@ -164,6 +165,15 @@ def _gate_set(meta: dict, tensors: dict[str, torch.Tensor]) -> GateSet:
         except ValueError as error:
             raise ValueError(f"gate head {head_name!r}: {error}") from error
     return GateSet(config, heads, layer_heads, provenance)
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object whose keys are all distinct (json.loads would keep the last of a repeated key)."""
+    values = dict(pairs)
+    if len(values) != len(pairs):
+        repeated = sorted({key for key, _ in pairs if sum(k == key for k, _ in pairs) > 1})
+        raise ValueError(f"the key(s) {repeated} appear more than once in one JSON object")
+    return values
 
 
 def _short(value) -> str:

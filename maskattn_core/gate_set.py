@@ -27,6 +27,9 @@ class GateSet(nn.Module):
     def __init__(self, config: MaskAttnConfig, heads: Mapping[str, GateHead], layer_heads: Mapping[str, str],
                  provenance: Mapping | None = None):
         super().__init__()
+        if not layer_heads:
+            raise GateSetError("the gate set gates no layer (its layer map is empty), so it would change nothing: "
+                               "use gates trained for at least one cross-attention layer")
         missing = sorted(set(layer_heads.values()) - set(heads))
         if missing:
             raise GateSetError(f"layers refer to gate heads {missing} that the gate set does not hold")

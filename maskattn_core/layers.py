@@ -13,6 +13,7 @@ Placement "encoder" takes input blocks, "decoder" output blocks, and
 
 from __future__ import annotations
 
+import re
 from typing import Iterable, NamedTuple
 
 from .config import MaskAttnConfig
@@ -49,11 +50,18 @@ def layer_name(key: LayerKey) -> str:
     return f"{key[0]}.{key[1]}.{key[2]}"
 
 
+# Canonical names only: ASCII digits without leading zeros, so that each layer has exactly one name
+# (str.isdigit() and int() also take "04" and Arabic-Indic digits, which name no key ComfyUI looks up).
+_INDEX = r"(?:0|[1-9][0-9]{0,5})"
+_LAYER_NAME = re.compile(rf"(input|middle|output)\.({_INDEX})\.({_INDEX})")
+
+
 def parse_layer_name(name: str) -> LayerKey:
-    parts = name.split(".")
-    if len(parts) != 3 or parts[0] not in _LOCATION_OF_BLOCK or not parts[1].isdigit() or not parts[2].isdigit():
-        raise ValueError(f"{name!r} is not a layer name of the form 'input.7.0' (block_name.number.transformer_index)")
-    return LayerKey(parts[0], int(parts[1]), int(parts[2]))
+    match = _LAYER_NAME.fullmatch(name) if isinstance(name, str) else None
+    if match is None:
+        raise ValueError(f"{name!r} is not a layer name of the form 'input.7.0' (block_name.number.transformer_index, "
+                         "ASCII digits without leading zeros)")
+    return LayerKey(match[1], int(match[2]), int(match[3]))
 
 
 def stage_of(key: LayerKey) -> str | None:
@@ -98,7 +106,7 @@ def from_diffusers_name(name: str) -> LayerKey:
     """'down_blocks.2.attentions.0.transformer_blocks.1.attn2.processor' -> ('input', 7, 1)."""
     head, sep, tail = name.partition(".transformer_blocks.")
     index = tail.split(".", 1)[0]
-    if not sep or head not in _DIFFUSERS_BLOCKS or not index.isdigit() or ".attn2" not in "." + tail:
+    if not sep or head not in _DIFFUSERS_BLOCKS or not re.fullmatch(_INDEX, index) or ".attn2" not in "." + tail:
         raise ValueError(f"{name!r} is not an SDXL cross-attention (attn2) layer name this pack knows")
     block_name, number = _DIFFUSERS_BLOCKS[head]
     return LayerKey(block_name, number, int(index))

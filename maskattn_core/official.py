@@ -80,6 +80,8 @@ def _gate_set(checkpoint: dict, file_name: str) -> GateSet:
     layer_heads: dict[str, str] = {}
     for processor_name in selected:
         key = from_diffusers_name(processor_name)
+        if layer_name(key) in layer_heads:
+            raise ValueError(f"selected layer {processor_name!r} is layer {layer_name(key)}, which is listed twice")
         state = by_layer.get(processor_name.partition(_HEAD_MARK)[0])
         if state is None:
             raise ValueError(f"selected layer {processor_name!r} has no gate tensors")

@@ -191,6 +191,14 @@ def mutate_metadata(path, field, change):
     ("layer_heads", lambda d: list(d), "layer_heads must map"),
     ("layer_heads", lambda d: dict(d, **{"input.x.0": "mid"}), "not a layer name"),
     ("layer_heads", lambda d: dict(d, **{"input.7.0": "nowhere"}), "nowhere"),
+    ("layer_heads", lambda d: {"input.04.0" if k == "input.4.0" else k: v for k, v in d.items()}, "'input.04.0' is not"),
+    ("layer_heads", lambda d: dict(d, **{"input.04.0": d["input.4.0"]}), "'input.04.0' is not"),  # 7 names, 6 layers
+    ("layer_heads", lambda d: {"input.\u0664.0" if k == "input.4.0" else k: v for k, v in d.items()},
+     "'input.\u0664.0' is not"),  # an Arabic-Indic four: isdigit() and int() take it
+    ("layer_heads", lambda d: {"output.\uff10.0" if k == "output.0.0" else k: v for k, v in d.items()},
+     "'output.\uff10.0' is not"),  # a fullwidth zero
+    ("layer_heads", lambda d: {"input.7.0 " if k == "input.7.0" else k: v for k, v in d.items()}, "'input.7.0 ' is not"),
+    ("layer_heads", lambda d: {}, "gates no layer"),
     ("provenance", lambda d: ["trained"], "provenance must be a JSON object"),
 ])
 def test_damaged_metadata_is_a_clear_error_naming_the_file(tmp_path, field, change, message):
@@ -198,6 +206,46 @@ def test_damaged_metadata_is_a_clear_error_naming_the_file(tmp_path, field, chan
     mutate_metadata(path, field, change)
     with pytest.raises(GateFileError, match="damaged.safetensors") as error:
         load_gate_file(path)
+    assert message in str(error.value)
+
+
+def test_a_layer_named_twice_in_the_json_is_refused_not_silently_merged(tmp_path):
+    path = save_gate_file(gates(), tmp_path / "twice.safetensors")
+    metadata, tensors = split_safetensors(path.read_bytes())
+    metadata["layer_heads"] = metadata["layer_heads"].replace('"input.7.0": "mid"', '"input.7.0": "mid", "input.7.0": "high"')
+    assert metadata["layer_heads"].count("input.7.0") == 2
+    path.write_bytes(save_tensors(tensors, metadata=metadata))
+    with pytest.raises(GateFileError, match=r"twice\.safetensors.*\['input\.7\.0'\] appear more than once"):
+        load_gate_file(path)
+
+
+@pytest.mark.parametrize("name", ["input.04.0", "input.4.00", "input.\u0664.0", "input.4.\u0660", "input.\uff14.0",
+                                  "input.+4.0", "input.-4.0", "input. 4.0", "input.4.0\n", "Input.4.0", "input.4",
+                                  "input.4.0.0", "input.1000000.0", "", 7])
+def test_layer_names_are_canonical_ascii_only(name):
+    with pytest.raises(ValueError, match="is not a layer name of the form 'input.7.0'"):
+        parse_layer_name(name)
+
+
+def test_canonical_layer_names_round_trip():
+    for key in [LayerKey("input", 4, 0), LayerKey("middle", 0, 9), LayerKey("output", 10, 123), LayerKey("input", 0, 0)]:
+        assert parse_layer_name(layer_name(key)) == key
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.update(selected_layers=[n.replace("transformer_blocks.0.", "transformer_blocks.00.")
+                                         for n in c["selected_layers"]]), "not an SDXL cross-attention"),
+    (lambda c: c.update(selected_layers=[n.replace("transformer_blocks.0.", "transformer_blocks.\u0660.")
+                                         for n in c["selected_layers"]]), "not an SDXL cross-attention"),
+    (lambda c: c.update(selected_layers=c["selected_layers"] + c["selected_layers"][:1]), "which is listed twice"),
+    (lambda c: c.update(selected_layers=[], gate_state_dict={}), "gates no layer"),
+])
+def test_official_layer_names_that_are_not_canonical_or_repeat_are_refused(tmp_path, change, message):
+    checkpoint = official_checkpoint(gates(stage="mid"))
+    change(checkpoint)
+    (tmp_path / "gate_names.pt").write_bytes(pt_bytes(checkpoint))
+    with pytest.raises(OfficialCheckpointError, match=r"gate_names\.pt") as error:
+        load_official_checkpoint(tmp_path / "gate_names.pt")
     assert message in str(error.value)
 
 
