@@ -141,15 +141,33 @@ def quantize_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def dequantize_state(stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """float32 tensors from quantize_state's; ShapesWeightsError names the first tensor that is
+    missing its partner, has the wrong shape or type, or is not finite (NaN weights sample NaN pictures)."""
     state = {}
     for key, value in stored.items():
         if key.endswith(".q8scale"):
+            if key[:-5] not in stored:
+                raise ShapesWeightsError(f"tensor {key!r} scales no tensor ({key[:-5]!r} is missing)")
             continue
         if key.endswith(".q8"):
-            name = key[:-3]
-            scale = stored[f"{name}.q8scale"].float()
-            state[name] = (value.float().reshape(value.shape[0], -1) * scale[:, None]).reshape(value.shape)
+            scale = stored.get(f"{key}scale")
+            if scale is None:
+                raise ShapesWeightsError(f"tensor {key!r} has no scale tensor {key + 'scale'!r}")
+            if value.dtype != torch.int8 or value.ndim < 2:
+                raise ShapesWeightsError(f"tensor {key!r} must be an int8 matrix or kernel, "
+                                         f"got {value.dtype} of shape {list(value.shape)}")
+            if tuple(scale.shape) != (value.shape[0],) or not scale.is_floating_point():
+                raise ShapesWeightsError(f"tensor {key + 'scale'!r} must hold one float scale per row of {key!r} "
+                                         f"(shape [{value.shape[0]}]), got {scale.dtype} of shape {list(scale.shape)}")
+            scale = scale.float()
+            if not (torch.isfinite(scale).all() and (scale >= 0).all()):
+                raise ShapesWeightsError(f"tensor {key + 'scale'!r} holds scales that are not finite and >= 0")
+            state[key[:-3]] = (value.float().reshape(value.shape[0], -1) * scale[:, None]).reshape(value.shape)
         else:
+            if not value.is_floating_point():
+                raise ShapesWeightsError(f"tensor {key!r} must be floating point, got {value.dtype}")
+            if not torch.isfinite(value).all():
+                raise ShapesWeightsError(f"tensor {key!r} holds values that are not finite (NaN or inf)")
             state[key] = value.float()
     return state
 
@@ -171,18 +189,28 @@ class ShapesWeightsError(ValueError):
 
 def read_base(path: Path = WEIGHTS) -> tuple[dict[str, torch.Tensor], dict]:
     """-> (float32 UNet state dict, metadata)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
+    restore = "restore it with git, or train it with `python -m maskattn_shapes.train_base`"
     if not path.is_file():
         raise ShapesWeightsError(f"the Shapes base weights are missing at {path}; "
                                  "restore them with git, or train them with `python -m maskattn_shapes.train_base`")
-    with safe_open(str(path), "pt") as handle:
-        meta = handle.metadata() or {}
-    if meta.get("format") != FORMAT:
-        raise ShapesWeightsError(f"{path.name} is not a Shapes base file (format {meta.get('format')!r})")
-    return dequantize_state(load_file(str(path))), meta
+    try:
+        with safe_open(str(path), "pt") as handle:
+            meta = handle.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise ShapesWeightsError(f"{path.name} is not a Shapes base file (format {meta.get('format')!r})")
+        stored = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        if isinstance(error, ShapesWeightsError):
+            raise
+        raise ShapesWeightsError(f"the Shapes base weights {path} are truncated or corrupt ({error}); {restore}") from None
+    try:
+        return dequantize_state(stored), meta
+    except ShapesWeightsError as error:
+        raise ShapesWeightsError(f"the Shapes base weights {path} are damaged: {error}; {restore}") from None
 
 
 def load_shapes_checkpoint(path: Path = WEIGHTS):
