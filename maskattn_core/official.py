@@ -65,6 +65,8 @@ def _gate_set(checkpoint: dict, file_name: str) -> GateSet:
         prefix, mark, param = key.partition(_HEAD_MARK) if isinstance(key, str) else ("", "", "")
         if not mark:
             raise ValueError(f"unexpected entry {key!r} in the gate state dict")
+        if isinstance(tensor, torch.Tensor):
+            _require_dense_cpu(key, tensor)
         by_layer.setdefault(prefix, {})[param] = tensor
     selected = checkpoint.get("selected_layers")
     if selected is not None and (not isinstance(selected, (list, tuple))
@@ -106,6 +108,21 @@ def _gate_set(checkpoint: dict, file_name: str) -> GateSet:
         "source": f"official MaskAttn-SDXL checkpoint {file_name}",
     }
     return GateSet(config, heads, layer_heads, provenance)
+
+
+def _require_dense_cpu(key: str, tensor: torch.Tensor) -> None:
+    """Gate weights are plain tensors: torch.load(weights_only=True) also rebuilds sparse, nested and meta
+    tensors, whose storage (read by every later check) cannot be accessed or holds no values."""
+    if tensor.is_nested:
+        found = "a nested tensor"
+    elif tensor.layout != torch.strided:
+        found = f"a {str(tensor.layout).removeprefix('torch.')} tensor"
+    elif tensor.device.type != "cpu":  # map_location="cpu" moves every device's tensors but meta's, which hold no values
+        found = f"a tensor on device {tensor.device.type}"
+    else:
+        return
+    raise ValueError(f"{key} is {found}; gate weights must be dense (strided) CPU tensors of floating-point values: "
+                     "save the checkpoint again with plain tensors (.to_dense(), .cpu())")
 
 
 def _field(checkpoint: dict, name: str, kind: type):

@@ -276,6 +276,30 @@ def test_bad_weights_are_refused_naming_file_and_tensor(tmp_path, suffix, damage
     assert message in str(error.value) and "token_net.1.weight" in str(error.value)
 
 
+def nested_rows(t):
+    return torch.nested.nested_tensor(list(t))
+
+
+@pytest.mark.parametrize("kind, make, message", [
+    ("sparse COO", lambda t: t.to_sparse(), "sparse_coo"),
+    ("sparse CSR", lambda t: t.to_sparse_csr(), "sparse_csr"),
+    ("meta", lambda t: torch.empty_like(t, device="meta"), "device meta"),
+    ("nested", nested_rows, "a nested tensor"),
+    ("complex", lambda t: t.to(torch.complex64), "torch.complex64; gate weights are floating point"),
+    ("quantized", lambda t: torch.quantize_per_tensor(t, 0.01, 0, torch.qint8), "torch.qint8; gate weights are floating point"),
+])
+def test_a_pt_tensor_that_is_not_a_dense_cpu_float_tensor_is_a_clear_error(tmp_path, kind, make, message):
+    checkpoint = official_checkpoint(gates(stage="mid"))
+    state = checkpoint["gate_state_dict"]
+    for key in [k for k in state if k.endswith(".token_net.1.weight")]:
+        state[key] = make(state[key])
+    (tmp_path / "gate_layout.pt").write_bytes(pt_bytes(checkpoint))
+    with pytest.raises(OfficialCheckpointError, match=r"gate_layout\.pt") as error:
+        load_official_checkpoint(tmp_path / "gate_layout.pt")
+    assert message in str(error.value) and "token_net.1.weight" in str(error.value), kind
+    assert "\n" not in str(error.value)
+
+
 def test_half_precision_weights_load_as_float32(tmp_path):
     gate_set = gates(stage="mid")
     checkpoint = official_checkpoint(gate_set)
