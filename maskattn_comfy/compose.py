@@ -11,9 +11,17 @@ meets here:
   which builds IPAdapter's own `Attn2Replace` inside MaskAttn's.
 Any other replace on a gated key (one MaskAttn cannot see inside) is a PatchConflictError: a
 clear stop, never a picture that silently lost one of the two patches.
+
+MaskAttn Region (regions.py) confines words with the same replace: its attn2 patch leaves its additive mask
+under REGION_KEY, and the replace adds it to the gates' mask (a connection stays open only if both allow it;
+below strength 1 the kept weights multiply). On a layer the Loader does not gate, the RegionPatch's own
+attention runs instead of MaskAttnPatch's.
 """
 
 from __future__ import annotations
+
+MASK_KEY = "maskattn_mask"  # the gates' additive [B,1,N,T] mask, from the attn2 patch to the replace of one block call
+REGION_KEY = "maskattn_region_mask"  # the regions' additive mask, the same way
 
 # IPAdapter's stand-in sigma when a call carries none (percent_to_sigma(0.0) gives the same): every window holds it.
 NO_SIGMA = 999999999.9
@@ -34,13 +42,21 @@ def is_image_prompt_replace(obj) -> bool:
 
 class GatedReplace:
     """MaskAttn's attn2 replace on one gated layer: the gates' masked text attention (`patch.attention`),
-    plus IPAdapter's image-prompt attention where IPAdapter patches the same layer."""
+    plus IPAdapter's image-prompt attention where IPAdapter patches the same layer.
 
-    def __init__(self, patch, image_prompt=None):
-        self.patch = patch  # a MaskAttnPatch: shared, never copied (its __deepcopy__ returns itself)
+    `regions` is the RegionPatch when MaskAttn Region confines words on this layer too; on a layer only regions
+    patch, `patch` is that RegionPatch itself."""
+
+    def __init__(self, patch, image_prompt=None, regions=None):
+        self.patch = patch  # a MaskAttnPatch or RegionPatch: shared, never copied (their __deepcopy__ returns self)
         self.image_prompt = image_prompt  # IPAdapter's Attn2Replace, or None
+        self.regions = regions
 
     def __call__(self, q, k, v, extra_options):
+        region = extra_options.pop(REGION_KEY, None)
+        if region is not None:
+            gates = extra_options.get(MASK_KEY)
+            extra_options[MASK_KEY] = region if gates is None else gates + region
         out = self.patch.attention(q, k, v, extra_options)
         if self.image_prompt is None:
             return out
@@ -82,6 +98,8 @@ def composed_replace(patch, existing, where: str, comfy_key) -> GatedReplace:
     """MaskAttn's replace for a gated key that holds `existing` (None when free)."""
     if existing is None or is_image_prompt_replace(existing):
         return GatedReplace(patch, existing)
+    if isinstance(existing, GatedReplace) and existing.patch is existing.regions:  # regions only: the gates join
+        return GatedReplace(patch, existing.image_prompt, existing.regions)
     raise PatchConflictError(
         f"MaskAttn needs the cross-attention (attn2) replace on {where} (ComfyUI key {comfy_key}), "
         "but another node already replaces attention there, and only one replace can run per layer. "
@@ -90,5 +108,33 @@ def composed_replace(patch, existing, where: str, comfy_key) -> GatedReplace:
 
 
 def without_maskattn(entry):
-    """What stays on a key when MaskAttn leaves it: IPAdapter's replace if it shared the layer, else nothing."""
-    return entry.image_prompt if isinstance(entry, GatedReplace) else entry
+    """What stays on a key when MaskAttn Loader leaves it: the regions' replace and IPAdapter's if they shared the
+    layer, else nothing."""
+    if not isinstance(entry, GatedReplace):
+        return entry
+    if entry.regions is not None:
+        return GatedReplace(entry.regions, entry.image_prompt, entry.regions)
+    return entry.image_prompt
+
+
+def region_replace(regions, existing, where: str, comfy_key) -> GatedReplace:
+    """The replace for a key MaskAttn Region confines, holding `existing` (None when free); a previous region
+    replace on it must have been taken off first (without_regions)."""
+    if isinstance(existing, GatedReplace):  # MaskAttn Loader's gates (and IPAdapter's image prompt) stay
+        return GatedReplace(existing.patch, existing.image_prompt, regions)
+    if existing is None or is_image_prompt_replace(existing):
+        return GatedReplace(regions, existing, regions)
+    raise PatchConflictError(
+        f"MaskAttn Region needs the cross-attention (attn2) replace on {where} (ComfyUI key {comfy_key}), "
+        "but another node already replaces attention there, and only one replace can run per layer. "
+        "MaskAttn composes with IPAdapter there, not with this node. Remove that node from this MODEL chain "
+        "or put MaskAttn Region before it.")
+
+
+def without_regions(entry):
+    """What stays on a key when MaskAttn Region leaves it: the Loader's gates and IPAdapter's image prompt."""
+    if not isinstance(entry, GatedReplace) or entry.regions is None:
+        return entry
+    if entry.patch is entry.regions:
+        return entry.image_prompt
+    return GatedReplace(entry.patch, entry.image_prompt)

@@ -20,10 +20,9 @@ import comfy.ldm.modules.attention as comfy_attention
 from maskattn_core import (GateSet, LayerKey, additive_mask, closed_logit, closed_mask, layer_name, open_connections,
                           soft_mask, straight_through)
 
-from .compose import GatedReplace, PatchConflictError, composed_replace, without_maskattn
+from .compose import MASK_KEY, GatedReplace, PatchConflictError, composed_replace, without_maskattn
 from .model_check import SDXL_CONTEXT_DIM, require_sdxl
 
-MASK_KEY = "maskattn_mask"
 log = logging.getLogger("MaskAttn")
 
 
