@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
 from typing import Mapping
+
+import torch
 
 STAGES = ("high", "mid", "low", "all")
 PLACEMENTS = ("encoder", "decoder", "encoder_decoder")
@@ -38,8 +39,10 @@ class MaskAttnConfig:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
         if not _is_real(self.threshold) or not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold must be a number in [0, 1], got {self.threshold!r}")
-        if not _is_real(self.negative_value) or not -math.inf < self.negative_value < 0.0:
-            raise ValueError(f"negative_value must be a finite negative number, got {self.negative_value!r}")
+        # The mask is built in float32: a value beyond its range fails only when a sampler first builds a mask.
+        if not _is_real(self.negative_value) or not -_FLOAT32_MAX <= self.negative_value < 0.0:
+            raise ValueError(f"negative_value must be a finite negative number no lower than float32's "
+                             f"{-_FLOAT32_MAX:.8g} (the paper's is -10000), got {self.negative_value!r}")
         if not isinstance(self.gate_hidden_dim, int) or isinstance(self.gate_hidden_dim, bool) or self.gate_hidden_dim <= 0:
             raise ValueError(f"gate_hidden_dim must be a positive integer, got {self.gate_hidden_dim!r}")
         if not isinstance(self.share_heads_by_stage, bool):
@@ -65,6 +68,9 @@ class MaskAttnConfig:
         if unknown:
             raise ValueError(f"unknown MaskAttn config keys {unknown}; known keys are {sorted(known)}")
         return cls(**values)
+
+
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def _is_real(value) -> bool:

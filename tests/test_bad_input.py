@@ -145,6 +145,44 @@ def test_bad_options_name_the_value():
         MaskAttnConfig(stage="middle")
 
 
+FLOAT32_LOWEST = float(torch.finfo(torch.float32).min)
+
+
+def with_negative_value(gates, value):
+    """The same gates with `negative_value` in their config, set past MaskAttnConfig's check as a file can."""
+    config = MaskAttnConfig(**dict(gates.config.to_dict(), negative_value=-10000.0))
+    object.__setattr__(config, "negative_value", value)
+    gates.config = config
+    return gates
+
+
+@pytest.mark.parametrize("gate", ["hard", "soft"])
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_a_negative_value_beyond_float32_is_refused_when_the_file_loads(tiny, tmp_path, gate, suffix):
+    from test_gate_fuzz import official_checkpoint, pt_bytes
+
+    gates = with_negative_value(tiny_gates(tiny, gate=gate), -1e39)  # sampled, it failed in closed_mask / soft_mask
+    path = tmp_path / f"gate_far{suffix}"
+    if suffix == ".pt":
+        path.write_bytes(pt_bytes(official_checkpoint(gates)))
+    else:
+        save_gate_file(gates, path)
+    with pytest.raises((GateFileError, OfficialCheckpointError), match=rf"gate_far\{suffix}.*negative_value must be "
+                                                                        r"a finite negative number no lower than "
+                                                                        r"float32's -3.4028235e\+38.*got -1e\+39"):
+        load_official_checkpoint(path) if suffix == ".pt" else load_gate_file(path)
+    with pytest.raises(ValueError, match="no lower than float32's"):
+        MaskAttnConfig(negative_value=-1e39, gate=gate)
+
+
+@pytest.mark.parametrize("gate", ["hard", "soft"])
+def test_the_lowest_float32_negative_value_loads_and_samples(tiny, tmp_path, gate):
+    gates = tiny_gates(tiny, gate=gate, negative_value=FLOAT32_LOWEST, gain=30.0)
+    loaded = load_gate_file(save_gate_file(gates, tmp_path / "lowest.safetensors"))
+    assert loaded.config.negative_value == FLOAT32_LOWEST
+    assert torch.isfinite(sample(apply_maskattn(tiny, loaded), steps=2)).all()
+
+
 def test_gate_file_round_trip_keeps_tensors_and_metadata(tiny, tmp_path):
     gates = tiny_gates(tiny, stage="all", share_heads_by_stage=False)
     gates.provenance = {"kind": "trained", "steps": 7, "base_model": "tiny", "base_model_hash": "abc"}
