@@ -74,9 +74,23 @@ def shapes_vae():
     return vae
 
 
-def _fill_text_encoder_(module: torch.nn.Module, seed: int) -> None:
-    """Seeded weights for a frozen random CLIP: token identity dominates the residual stream,
-    attention and MLP weights at unit gain so every token carries a real share of its context."""
+# How the frozen random text encoder's weights are drawn. v1 (the first base): unit-gain attention
+# and MLPs, so every token's output carries much of its context, and a random pooled projection;
+# that base learned to read the caption from the pooled vector, out of any word mask's reach
+# (EVIDENCE.md). v2: each token's output keeps its own word (attention and MLP outputs scaled by
+# `mixing`, a strong residual), and a zero text projection, so the pooled vector is 0 for every
+# prompt: the caption can only reach the picture through the words' tokens, as in SDXL's cross-attention.
+TEXT_ENCODERS = {
+    "v1": {"mixing": 1.0, "pooled": True},
+    "v2": {"mixing": 0.25, "pooled": False},
+}
+TEXT_ENCODER = "v2"  # what new bases are trained with; a base file names its own (metadata "text_encoder")
+
+
+def _fill_text_encoder_(module: torch.nn.Module, seed: int, mixing: float = 1.0, pooled: bool = True) -> None:
+    """Seeded weights for a frozen random CLIP: token identity dominates the residual stream; the
+    attention and MLP output projections at gain `mixing` (1: every token carries a real share of
+    its context); `pooled` False zeroes the text projection, so the pooled vector is 0."""
     with torch.no_grad():
         for name, p in module.named_parameters():
             rng = np.random.Generator(np.random.PCG64([seed, zlib.crc32(name.encode())]))
@@ -88,12 +102,24 @@ def _fill_text_encoder_(module: torch.nn.Module, seed: int) -> None:
                 value = rng.standard_normal(p.shape, dtype=np.float32)
             elif "position_embedding" in name:
                 value = 0.3 * rng.standard_normal(p.shape, dtype=np.float32)
+            elif "text_projection" in name and not pooled:
+                value = np.zeros(p.shape, np.float32)
             else:
                 value = rng.standard_normal(p.shape, dtype=np.float32) / np.sqrt(p.shape[-1])
+                if name.endswith(("out_proj.weight", "fc2.weight")):
+                    value = value * np.float32(mixing)
             p.copy_(torch.from_numpy(value).reshape(p.shape))
 
 
-def shapes_clip(seed: int = TEXT_SEED):
+def text_encoder_of(meta: dict) -> str:
+    """The text-encoder recipe a base file was trained with (files from before v2 name none: v1)."""
+    name = meta.get("text_encoder", "v1")
+    if name not in TEXT_ENCODERS:
+        raise ShapesWeightsError(f"unknown Shapes text encoder {name!r} (known: {', '.join(TEXT_ENCODERS)})")
+    return name
+
+
+def shapes_clip(seed: int = TEXT_SEED, encoder: str = TEXT_ENCODER):
     """A real comfy.sd.CLIP for SDXL (real tokenizers; CLIPTextEncode uses it as any CLIP)."""
     import comfy.sd
     import comfy.supported_models
@@ -101,7 +127,7 @@ def shapes_clip(seed: int = TEXT_SEED):
     target = comfy.supported_models.SDXL(dict(SHAPES_UNET_CONFIG)).clip_target()
     clip = comfy.sd.CLIP(target, model_options={"dtype": torch.float32, "clip_l_model_config": dict(SHAPES_CLIP_CONFIG),
                                                 "clip_g_model_config": dict(SHAPES_CLIP_CONFIG)})
-    _fill_text_encoder_(clip.cond_stage_model, seed)
+    _fill_text_encoder_(clip.cond_stage_model, seed, **TEXT_ENCODERS[encoder])
     return clip
 
 
@@ -172,14 +198,15 @@ def dequantize_state(stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return state
 
 
-def save_base(path: Path, unet_state: dict[str, torch.Tensor], provenance: dict) -> None:
+def save_base(path: Path, unet_state: dict[str, torch.Tensor], provenance: dict, encoder: str = TEXT_ENCODER) -> None:
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(quantize_state(unet_state), str(tmp),
               metadata={"format": FORMAT, "unet_config": json.dumps(SHAPES_UNET_CONFIG),
-                        "text_seed": str(TEXT_SEED), "provenance": json.dumps(provenance)})
+                        "text_seed": str(TEXT_SEED), "text_encoder": encoder,
+                        "provenance": json.dumps(provenance)})
     tmp.replace(path)
 
 
@@ -215,5 +242,5 @@ def read_base(path: Path = WEIGHTS) -> tuple[dict[str, torch.Tensor], dict]:
 
 def load_shapes_checkpoint(path: Path = WEIGHTS):
     """(MODEL, CLIP, VAE) of the trained Shapes world, as ComfyUI's checkpoint loader returns them."""
-    state, _ = read_base(path)
-    return shapes_unet(state), shapes_clip(), shapes_vae()
+    state, meta = read_base(path)
+    return shapes_unet(state), shapes_clip(encoder=text_encoder_of(meta)), shapes_vae()

@@ -3,10 +3,13 @@
     python -m maskattn_shapes.train_base --out output/shapes_base            # CPU defaults, resumable
     python -m maskattn_shapes.train_base --out output/shapes_base --resume   # continue after a stop
     python -m maskattn_shapes.train_base --device cuda --steps 12000 --batch 128 --scenes 40000
+    python -m maskattn_shapes.train_base --init old_base.safetensors ...     # fine-tune an existing base
 
 Ordinary v-prediction diffusion training on SDXL's discrete schedule, 10 % of captions dropped
 for classifier-free guidance, an EMA of the weights; the EMA is what is written, 8-bit, to
---weights (default: the committed maskattn_shapes/weights/shapes_base.safetensors).
+--weights (default: shapes_base.safetensors in --out; the pack's own base is only replaced when
+--weights names it). The text encoder is the v2 recipe (maskattn_shapes.model.TEXT_ENCODERS):
+tokens that keep their own word and a pooled vector that is 0 for every prompt.
 Latents and text encodings are computed once per run (each distinct caption once).
 """
 
@@ -30,24 +33,67 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="output/shapes_base", help="checkpoints and the training log")
-    p.add_argument("--weights", default=None, help="where the trained EMA UNet is written (default: the committed file)")
-    p.add_argument("--scenes", type=int, default=12000, help="training pictures drawn from the world")
-    p.add_argument("--world-seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=2500)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--warmup", type=int, default=200)
-    p.add_argument("--ema", type=float, default=0.999)
-    p.add_argument("--uncond", type=float, default=0.1, help="share of captions dropped for classifier-free guidance")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--save-every", type=int, default=250)
+    p.add_argument("--weights", default=None,
+                   help="where the trained EMA UNet is written (default: --out/shapes_base.safetensors; "
+                        "name maskattn_shapes/weights/shapes_base.safetensors to replace the pack's base)")
+    p.add_argument("--init", default=None, help="start from this base file's UNet (a fine-tune) instead of random weights")
+    p.add_argument("--scenes", type=_positive(int), default=12000, help="training pictures drawn from the world")
+    p.add_argument("--world-seed", type=_non_negative(int), default=0)
+    p.add_argument("--steps", type=_positive(int), default=2500)
+    p.add_argument("--batch", type=_positive(int), default=32)
+    p.add_argument("--lr", type=_positive(float), default=5e-4)
+    p.add_argument("--warmup", type=_non_negative(int), default=200)
+    p.add_argument("--ema", type=_fraction, default=0.999)
+    p.add_argument("--uncond", type=_fraction, default=0.1, help="share of captions dropped for classifier-free guidance")
+    p.add_argument("--seed", type=_non_negative(int), default=0)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--threads", type=_non_negative(int), default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--save-every", type=_positive(int), default=250)
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
-    p.add_argument("--minutes", type=float, default=0,
+    p.add_argument("--minutes", type=_non_negative(float), default=0,
                    help="a time budget: the schedule runs to --steps or to this many minutes of training, "
                         "whichever comes first, then the weights are written (0: no limit)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU is visible to torch here; use --device cpu")
+    if args.init and not Path(args.init).is_file():
+        p.error(f"--init {args.init}: no such file")
+    return args
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = _number(kind, text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
+def _non_negative(kind):
+    def parse(text: str):
+        value = _number(kind, text)
+        if not value >= 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        return value
+    return parse
+
+
+def _fraction(text: str) -> float:
+    value = _number(float, text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {text}")
+    return value
+
+
+def _number(kind, text: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a{'n integer' if kind is int else ' number'}: {text!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text}")
+    return value
 
 
 CHUNK = 2000
@@ -113,10 +159,11 @@ def main(argv=None):
     device = torch.device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    weights = Path(args.weights) if args.weights else shapes.WEIGHTS
+    weights = Path(args.weights) if args.weights else out / "shapes_base.safetensors"
     started = time.time()
 
-    patcher = shapes.shapes_unet(seed=args.seed)
+    init_state = shapes.read_base(Path(args.init))[0] if args.init else None
+    patcher = shapes.shapes_unet(init_state, seed=args.seed)
     model = patcher.model
     unet = model.diffusion_model.to(device).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
@@ -204,7 +251,7 @@ def main(argv=None):
     with (out / "train_log.jsonl").open("a") as handle:
         for row in log:
             handle.write(json.dumps(row) + "\n")
-    provenance = {"steps": step, "batch": args.batch, "lr": args.lr, "ema": args.ema, "scenes": args.scenes,
+    provenance = {"steps": step, "init": Path(args.init).name if args.init else None, "batch": args.batch, "lr": args.lr, "ema": args.ema, "scenes": args.scenes,
                   "world_seed": args.world_seed, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                   "minutes": round((time.time() - started) / 60, 1), "final_loss": loss_avg}
     shapes.save_base(weights, {k: v.float().cpu() for k, v in ema.state_dict().items()}, provenance)

@@ -115,13 +115,15 @@ def load_shapes(precision: str) -> BaseModel:
     layer_channels = check_sdxl(patcher, SHAPES_CHECKPOINT)
     digest = hashlib.sha256(shapes.WEIGHTS.read_bytes()).hexdigest()
 
-    def open_encoders():
-        return ComfyEncoders(shapes.shapes_vae(), shapes.shapes_clip())
+    encoder = shapes.text_encoder_of(meta)
 
-    identities = (f"vae:{shapes.FORMAT}-codec:float32", f"text:{shapes.FORMAT}-clip:{meta.get('text_seed')}")
+    def open_encoders():
+        return ComfyEncoders(shapes.shapes_vae(), shapes.shapes_clip(encoder=encoder))
+
+    identities = (f"vae:{shapes.FORMAT}-codec:float32", f"text:{shapes.FORMAT}-clip:{meta.get('text_seed')}:{encoder}")
     provenance = {"base_model": SHAPES_CHECKPOINT, "base_model_sha256": digest, "prediction": prediction_type(patcher)}
     return BaseModel(patcher, layer_channels, open_encoders, identities, provenance,
-                     lambda: (shapes.shapes_clip(), shapes.shapes_vae()))
+                     lambda: (shapes.shapes_clip(encoder=encoder), shapes.shapes_vae()))
 
 
 def load_checkpoint(name: str, precision: str, cache_dir: Path) -> BaseModel:
