@@ -4,6 +4,7 @@ kohya's caption files; long captions in one batch; what the caches report; --hel
 from __future__ import annotations
 
 import json
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -134,6 +135,62 @@ def test_caption_extension_reads_kohya_caption_files(tmp_path):
     assert parse_config(["--demo"]).caption_extension == ".txt"
     with pytest.raises(ConfigError, match="caption_extension"):
         parse_config(["--demo", "--caption-extension", "."])
+
+
+@pytest.mark.parametrize("extension", [".png", "png", ".JPG", ".jpeg", ".webp", ".bmp", ".gif", ".tiff"])
+def test_a_picture_extension_is_refused_as_caption_extension(extension):
+    from trainer.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match=rf"caption_extension '{re.escape(extension)}' is a picture format: each image "
+                                          r"would be read as its own caption"):
+        parse_config(["--demo", "--caption-extension", extension])
+
+
+# -- numbers -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["--gate-init-bias", "nan"], "argument --gate-init-bias: 'nan' is not a finite number"),
+    (["--gate-init-bias", "inf"], "argument --gate-init-bias: 'inf' is not a finite number"),
+    (["--gate-init-bias=-inf"], "argument --gate-init-bias: '-inf' is not a finite number"),
+    (["--gate-init-bias", "1e40"], "argument --gate-init-bias: 1e40 is beyond float32's range"),
+    (["--gate-init-bias=-3.5e38"], "argument --gate-init-bias: -3.5e38 is beyond float32's range"),
+    (["--gate-init-bias", "three"], "argument --gate-init-bias: 'three' is not a number"),
+    (["--lr", "nan"], "argument --lr: 'nan' is not a finite number"),
+    (["--grad-clip", "inf"], "argument --grad-clip: 'inf' is not a finite number"),
+    (["--weight-decay", "nan"], "argument --weight-decay: 'nan' is not a finite number"),
+    (["--threshold", "2"], "threshold must be a number in [0, 1], got 2.0"),
+    (["--negative-value=-1e39"], "negative_value must be a finite negative number no lower than float32's"),
+])
+def test_numbers_a_run_cannot_train_with_are_refused_while_parsing(argv, message, capsys, monkeypatch):
+    import trainer.train
+
+    def no_work(*args):
+        raise AssertionError("the run started")
+
+    monkeypatch.setattr(trainer.train, "train", no_work)
+    assert main(["--demo", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("gate_init_bias", float("nan"), "gate_init_bias must be a finite number"),
+    ("gate_init_bias", 1e39, "gate_init_bias must lie within float32's range"),
+    ("lr", float("inf"), "lr must be a finite number"),
+])
+def test_numbers_from_a_config_file_are_checked_as_flags_are(tmp_path, key, value, message):
+    from trainer.config import ConfigError, parse_config
+
+    (tmp_path / "run.yaml").write_text(f"demo: true\n{key}: {value}\n".replace("nan", ".nan").replace("inf", ".inf"))
+    with pytest.raises(ConfigError, match=message):
+        parse_config(["--config", str(tmp_path / "run.yaml")])
+
+
+def test_the_largest_float32_gate_init_bias_is_accepted():
+    from trainer.config import parse_config
+
+    assert parse_config(["--demo", "--gate-init-bias", "3.4028234e38"]).gate_init_bias == 3.4028234e38
+    assert parse_config(["--demo", "--gate-init-bias=-3"]).gate_init_bias == -3.0
 
 
 # -- long captions in one batch ----------------------------------------------------------------------

@@ -10,10 +10,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from maskattn_core import GATES, STAGES, PLACEMENTS, MaskAttnConfig
+from trainer.data import IMAGE_SUFFIXES
+
+# Picture formats never read as captions: an image's own bytes would become its caption.
+PICTURE_SUFFIXES = tuple(sorted(set(IMAGE_SUFFIXES) | {".gif", ".tif", ".tiff", ".avif", ".heic", ".jxl"}))
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: the gates are float32
 
 
 class ConfigError(ValueError):
@@ -88,6 +94,15 @@ class TrainConfig:
         if not suffix or any(c in suffix for c in "/\\*?"):
             raise ConfigError(f"caption_extension must be a file extension such as .txt or .caption, "
                               f"got {self.caption_extension!r}")
+        if "." + suffix.lower() in PICTURE_SUFFIXES:
+            raise ConfigError(f"caption_extension {self.caption_extension!r} is a picture format: each image would be "
+                              "read as its own caption; captions are text files such as .txt or .caption")
+        for name in ("lr", "weight_decay", "grad_clip", "gate_init_bias"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{name} must be a finite number, got {getattr(self, name)!r}")
+        if abs(self.gate_init_bias) > FLOAT32_MAX:
+            raise ConfigError(f"gate_init_bias must lie within float32's range (|bias| <= {FLOAT32_MAX:.8g}), "
+                              f"got {self.gate_init_bias!r}")
         positive = ("steps", "batch_size", "grad_accum", "resolution", "save_every", "keep_last", "log_every",
                     "gate_hidden_dim", "demo_images")
         for name in positive:
@@ -110,7 +125,10 @@ class TrainConfig:
             raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         if not self.demo and (self.checkpoint is None or self.data is None):
             raise ConfigError("--checkpoint and --data are required (or --demo to try the built-in tiny model)")
-        self.maskattn()  # validates stage, threshold, negative_value, ...
+        try:
+            self.maskattn()  # validates stage, threshold, negative_value, ...
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
 
     def maskattn(self) -> MaskAttnConfig:
         return MaskAttnConfig(stage=self.stage, placement=self.placement, threshold=float(self.threshold),
@@ -239,9 +257,29 @@ def _parser() -> argparse.ArgumentParser:
         elif f.name in CHOICES:
             parser.add_argument(flag, choices=CHOICES[f.name], help=text)
         else:
-            kind = {int: int, float: float}.get(type(default), str)
+            kind = {int: int, float: finite_float32 if f.name == "gate_init_bias" else finite_float}.get(type(default), str)
             parser.add_argument(flag, type=kind, help=text)
     return parser
+
+
+def finite_float(text: str) -> float:
+    """A flag's number; NaN and infinities are refused while parsing, before any work."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def finite_float32(text: str) -> float:
+    """A finite number a float32 parameter can hold."""
+    value = finite_float(text)
+    if abs(value) > FLOAT32_MAX:
+        raise argparse.ArgumentTypeError(f"{text} is beyond float32's range (|value| <= {FLOAT32_MAX:.8g}): "
+                                         "the gates are float32")
+    return value
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
