@@ -95,14 +95,12 @@ class RegionPatch:
     def mask_for(self, batch: int, locations: int, tokens: int, extra_options: dict, dtype=torch.float32,
                  device="cpu") -> Tensor | None:
         """The additive [batch,1,locations,tokens] mask of one block call, or None when no row is confined."""
-        chunks = list(extra_options.get("cond_or_uncond") or [0])
-        uuids = list(extra_options.get("uuids") or [None] * len(chunks))
-        grid = layer_grid(extra_options, locations)
-        crop = tuple(int(s) for s in extra_options["original_shape"][-2:])
-        confined = tuple(tuple(i for i, r in enumerate(self.regions) if which == 0 or r.unconditional)
-                         for which in chunks)
+        confined = self.confined(extra_options)
         if not any(confined):
             return None
+        uuids = list(extra_options.get("uuids") or [None] * len(confined))
+        grid = layer_grid(extra_options, locations)
+        crop = tuple(int(s) for s in extra_options["original_shape"][-2:])
         placements = tuple(self._placement(uuid, crop) for uuid in uuids)
         key = (batch, locations, tokens, grid, crop, confined, placements, dtype, str(device))
         mask = self._cache.get(key)
@@ -112,6 +110,11 @@ class RegionPatch:
             mask = self._build(batch, locations, tokens, grid, crop, confined, placements).to(device, dtype)
             self._cache[key] = mask
         return mask
+
+    def confined(self, extra_options) -> tuple[tuple[int, ...], ...]:
+        """Per chunk of the batch (cond_or_uncond), the indices of the regions that confine its rows."""
+        return tuple(tuple(i for i, r in enumerate(self.regions) if which == 0 or r.unconditional)
+                     for which in (extra_options.get("cond_or_uncond") or [0]))
 
     def _placement(self, uuid, crop) -> tuple[int, int, int, int]:
         """(latent height, latent width, top, left) of a call's crop in the whole latent."""
@@ -148,8 +151,23 @@ class RegionPatch:
                 f"MaskAttn Region: at {where} the region mask was built for {mask.shape[0]} x {mask.shape[-2]} x "
                 f"{mask.shape[-1]} but cross-attention got {q.shape[0]} x {q.shape[1]} x {k.shape[1]}: an attn2 "
                 "patch after MaskAttn Region changed the context; put MaskAttn Region after that node.")
-        return comfy_attention.optimized_attention_masked(q, k, v, heads, mask.to(q.dtype), attn_precision=precision,
-                                                          transformer_options=extra_options)
+        confined = self.confined(extra_options)
+        rows = q.shape[0] // len(confined)
+        inside = [chunk * rows + i for chunk, regions in enumerate(confined) if regions for i in range(rows)]
+        if len(inside) == q.shape[0]:
+            return comfy_attention.optimized_attention_masked(q, k, v, heads, mask.to(q.dtype),
+                                                              attn_precision=precision,
+                                                              transformer_options=extra_options)
+        # The rows no region confines (the negative's) run unmasked, exactly ComfyUI's own attention.
+        out = torch.empty_like(q)
+        outside = [row for row in range(q.shape[0]) if row not in set(inside)]
+        out[outside] = comfy_attention.optimized_attention(q[outside], k[outside], v[outside], heads,
+                                                           attn_precision=precision,
+                                                           transformer_options=extra_options)
+        out[inside] = comfy_attention.optimized_attention_masked(q[inside], k[inside], v[inside], heads,
+                                                                 mask[inside].to(q.dtype), attn_precision=precision,
+                                                                 transformer_options=extra_options)
+        return out
 
     # -- the calc_cond_batch wrapper ------------------------------------------------------------
     def calc_cond_batch(self, executor, model, conds, x_in, timestep, model_options):
