@@ -26,6 +26,10 @@ from .model_check import SDXL_CONTEXT_DIM, require_sdxl
 log = logging.getLogger("MaskAttn")
 
 
+STRAIGHT_THROUGH = ("paper", "output")
+SOFT_MASK_KEY = "maskattn_soft_mask"  # --straight-through output: the soft gate's mask, beside MASK_KEY
+
+
 class MaskShapeError(RuntimeError):
     """A later attn2 patch changed what cross-attention sees after the gates were computed."""
 
@@ -36,8 +40,13 @@ class PatchOptions:
     start_percent: float = 0.0
     end_percent: float = 1.0
     threshold: float | None = None  # None: the gate set's own
+    # Training only (trainer --straight-through): "paper", the authors' estimator; "output", forward the hard
+    # mask's attention, backward the soft gate's (output_straight_through). Without gradients both are the same.
+    straight_through: str = "paper"
 
     def __post_init__(self):
+        if self.straight_through not in STRAIGHT_THROUGH:
+            raise ValueError(f"straight_through must be one of {STRAIGHT_THROUGH}, got {self.straight_through!r}")
         if not 0.0 <= self.strength <= 1.0:
             raise ValueError(f"strength must lie in [0, 1], got {self.strength}")
         if not 0.0 <= self.start_percent <= self.end_percent <= 1.0:
@@ -60,6 +69,7 @@ class MaskAttnPatch:
         self.options = options
         self.threshold = gate_set.config.threshold if options.threshold is None else options.threshold
         self.soft = gate_set.config.gate == "soft"
+        self.output_straight_through = options.straight_through == "output" and not self.soft
         self.penalty = closed_logit(options.strength, gate_set.config.negative_value)
         self.sigma_range = sigma_range  # (sigma_start, sigma_end) or None for the whole schedule
         self.recorder = recorder
@@ -98,6 +108,10 @@ class MaskAttnPatch:
         if probabilities.requires_grad:  # training: forward the hard gate, backward through the probabilities
             gate = straight_through(opened.to(probabilities.dtype), probabilities)
             extra_options[MASK_KEY] = additive_mask(gate, self.penalty, n.dtype)
+            if self.output_straight_through:  # the same hard mask, its gradient taken by the soft attention instead
+                extra_options[MASK_KEY] = extra_options[MASK_KEY].detach()
+                extra_options[SOFT_MASK_KEY] = soft_mask(logits, self.options.strength,
+                                                         self.gate_set.config.negative_value, n.dtype)
         else:
             extra_options[MASK_KEY] = closed_mask(opened, self.penalty, n.dtype)
         if self.recorder is not None:
@@ -107,6 +121,7 @@ class MaskAttnPatch:
     # -- the attn2 replace -----------------------------------------------------------------
     def attention(self, q, k, v, extra_options):
         mask = extra_options.pop(MASK_KEY, None)
+        soft = extra_options.pop(SOFT_MASK_KEY, None)
         heads, precision = extra_options["n_heads"], extra_options["attn_precision"]
         if mask is None:  # outside the step range: exactly ComfyUI's own path
             return comfy_attention.optimized_attention(q, k, v, heads, attn_precision=precision,
@@ -117,6 +132,8 @@ class MaskAttnPatch:
             mask = mask.to(q.dtype)
         if self.recorder is not None:
             self.recorder.attention(_layer_key(extra_options), q, k, mask, heads, extra_options)
+        if soft is not None:
+            return output_straight_through(q, k, v, heads, mask, soft.to(q.dtype), precision, extra_options)
         return comfy_attention.optimized_attention_masked(q, k, v, heads, mask, attn_precision=precision,
                                                           transformer_options=extra_options)
 
@@ -170,6 +187,19 @@ class MaskAttnPatch:
             log.warning("MaskAttn: the gate mask for %s was computed but not applied: a node after MaskAttn "
                         "Loader replaced its cross-attention. Put MaskAttn Loader last in the MODEL chain, "
                         "or remove the other attention patch.", where)
+
+
+def output_straight_through(q, k, v, heads, hard_mask, soft_mask, precision, extra_options):
+    """y_hard + (y_soft - stopgrad(y_soft)): the value is exactly the hard mask's attention (x - x is exactly 0),
+    the gradient (in the gates' logits and in q, k, v) exactly the soft gate's attention's, so a closed
+    connection still learns. One more attention per gated layer, in training only; y_hard keeps no graph."""
+    def attend(mask):
+        return comfy_attention.optimized_attention_masked(q, k, v, heads, mask, attn_precision=precision,
+                                                          transformer_options=extra_options)
+    with torch.no_grad():
+        hard = attend(hard_mask)
+    soft = attend(soft_mask)
+    return hard + (soft - soft.detach())
 
 
 def _mask_shape_message(key, mask, q, k) -> str:

@@ -55,6 +55,25 @@ class ComfyEncoders:
         context, pooled = self.clip.encode_from_tokens(self.clip.tokenize(caption), return_pooled=True)
         return context.cpu(), pooled.cpu()
 
+    def word_positions(self, caption: str) -> list[tuple[str, list[int]]]:
+        """The caption's words as the tokenizer splits them, each with its context columns (for --mask-loss)."""
+        from maskattn_comfy.tokens import token_labels
+
+        words: list[tuple[str, list[int]]] = []
+        text = ""
+        for label in token_labels(self.clip, self.clip.tokenize(caption)):
+            if label.special:
+                text = ""
+                continue
+            if not text or label.word != words[-1][0]:  # a word's first token
+                words.append((label.word, []))
+                text = ""
+            words[-1][1].append(label.position)
+            text += label.text
+            if text == label.word:
+                text = ""
+        return words
+
     def close(self) -> None:
         import comfy.model_management as mm
 

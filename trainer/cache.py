@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from .data import DataError, Example, ImageTooLarge, Skipped, SizeConditioning, load_image
+from .region_masks import PROBLEMS, region_targets
 
 CROP_VERSION = "centre-cover-lanczos-1"  # change when load_image's crop changes: old latents no longer apply
 
@@ -38,6 +39,15 @@ def latent_key(image_bytes: bytes, resolution: int, buckets: bool, vae_identity:
 
 def text_key(caption: str, text_identity: str) -> str:
     return _digest("text", caption, text_identity)
+
+
+def regions_key(latent: str, text: str, masks) -> str:
+    """A --mask-loss entry: the image's crop (its latent key), the caption and tokenizer (its text key), and every
+    mask's words and bytes, so an edited, added or removed mask file makes a new entry."""
+    from .region_masks import REGIONS_VERSION
+
+    parts = sorted((m.words, hashlib.sha256(m.content()).hexdigest()) for m in masks)
+    return _digest("regions", REGIONS_VERSION, latent, text, *(f"{w}:{h}" for w, h in parts))
 
 
 class FeatureCache:
@@ -88,6 +98,7 @@ class Item:
     text: str
     bucket: tuple[int, int]  # latent (height, width): examples of one batch share it
     image: str = field(default="", compare=False)  # where it came from, for messages
+    regions: str = ""  # the --mask-loss entry's key ("" without masks)
 
 
 @dataclass
@@ -110,7 +121,8 @@ class Prepared:
     counts: EncodeCounts = field(default_factory=EncodeCounts)
 
     def dataset_hash(self) -> str:
-        return _digest(*(f"{item.latent}:{item.text}" for item in self.items))
+        return _digest(*(f"{item.latent}:{item.text}" + (f":{item.regions}" if item.regions else "")
+                         for item in self.items))
 
 
 def prepare(examples: list[Example], cache: FeatureCache, open_encoders, resolution: int, buckets: bool,
@@ -170,7 +182,26 @@ def prepare(examples: list[Example], cache: FeatureCache, open_encoders, resolut
             cache.put("text", tkey, {"context": context[0], "pooled": pooled[0]})
             counts.texts_encoded += 1
         texts_seen.add(tkey)
-        prepared.items.append(Item(lkey, tkey, bucket, str(example.image)))
+        rkey = ""
+        if example.masks:
+            try:
+                rkey = regions_key(lkey, tkey, example.masks)
+            except OSError as error:  # a mask file that vanished or cannot be read
+                skipped.add("mask left out: unreadable", f"{example.image} ({error.strerror or error})")
+        if rkey:
+            cached = cache.shape("regions", rkey, "problems") is not None
+            if not cached and mine:
+                encoders = encoders or open_encoders()
+                size = (SizeConditioning.from_list(cache.get("latents", lkey)["size"].tolist())
+                        if cache.has("latents", lkey) else load_image(example.image, resolution, buckets)[1])
+                positions, masks, problems = region_targets(example.masks, size, encoders.word_positions(example.caption))
+                cache.put("regions", rkey, {"positions": positions, "masks": masks, "problems": problems})
+            if cached or mine:
+                problems = cache.get("regions", rkey)["problems"].tolist()
+                for source, code in zip(example.masks, problems):
+                    if code:
+                        skipped.add(PROBLEMS[code], source.where or source.words)
+        prepared.items.append(Item(lkey, tkey, bucket, str(example.image), rkey))
     if encoders is not None:
         encoders.close()  # the encoders leave memory before training starts
     return prepared

@@ -35,6 +35,7 @@ class TrainConfig:
     caption_extension: str = ".txt"      # a folder's caption files: image.png + image.txt (kohya also uses .caption)
     coco_images: str | None = None
     coco_min_noun_phrases: int = 2       # the paper's caption filter for COCO
+    coco_instances: str | None = None    # COCO instances_*.json: object masks for --mask-loss
     output: str = "output/maskattn"
     name: str = "maskattn_gates"
     comfyui: str | None = None
@@ -48,6 +49,8 @@ class TrainConfig:
     share_heads_by_stage: bool = MaskAttnConfig.share_heads_by_stage
     gate: str = MaskAttnConfig.gate
     gate_init_bias: float = 0.0          # the gate heads' initial logit bias (> 0: training starts with connections open)
+    straight_through: str = "paper"      # paper | output: the hard gate's gradient estimator in training
+    mask_loss: float = 0.0               # weight of the region supervision from object masks (0: off)
     # Optimisation (the paper's defaults).
     steps: int = 10000
     stop_at: int = 0                     # stop with a checkpoint after this step (0: at --steps); the schedule stays --steps long
@@ -125,6 +128,11 @@ class TrainConfig:
             raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         if not self.demo and (self.checkpoint is None or self.data is None):
             raise ConfigError("--checkpoint and --data are required (or --demo to try the built-in tiny model)")
+        if self.straight_through == "output" and self.gate != "hard":
+            raise ConfigError("straight_through output is an estimator for the hard gate; the soft gate has no "
+                              "hard forward pass (use --gate hard, or --straight-through paper)")
+        if not 0.0 <= self.mask_loss < math.inf:
+            raise ConfigError(f"mask_loss must be 0 (off) or a positive finite weight, got {self.mask_loss!r}")
         try:
             self.maskattn()  # validates stage, threshold, negative_value, ...
         except ValueError as error:
@@ -148,7 +156,7 @@ class TrainConfig:
 
 CHOICES = {"data_format": ("auto", "folder", "jsonl", "coco"), "precision": ("auto", "fp32", "bf16", "fp16", "fp64"),
            "bad_images": ("skip", "fail"), "bad_captions": ("skip", "fail"), "stage": tuple(STAGES),
-           "placement": tuple(PLACEMENTS), "gate": tuple(GATES)}
+           "placement": tuple(PLACEMENTS), "gate": tuple(GATES), "straight_through": ("paper", "output")}
 
 # What `--demo` changes, unless a config file or a flag says otherwise: about a minute on a CPU.
 DEMO_DEFAULTS = dict(resolution=64, batch_size=2, grad_accum=1, steps=100, warmup_steps=10, lr=1e-3,
@@ -183,6 +191,8 @@ HELP = {
     "caption_extension": "the caption files' extension in a --data folder (kohya datasets often use .caption)",
     "coco_images": "the COCO image folder (for --data-format coco)",
     "coco_min_noun_phrases": "keep COCO captions with at least this many noun phrases, as the paper does (needs spaCy)",
+    "coco_instances": "COCO instance annotations (instances_*.json, polygons or RLE) for --mask-loss: each category "
+                      "named in a caption (name or plural) supervises those words' gates with its objects' mask",
     "output": "the run folder: gates, checkpoints, caches, metrics, the resolved config",
     "name": "the gate file's name (<output>/<name>.safetensors)",
     "comfyui": "the ComfyUI folder (default: COMFYUI_PATH, the ComfyUI holding this pack, or scripts/setup.sh's)",
@@ -197,6 +207,14 @@ HELP = {
             "scaled by the gate probability in both passes (the gate file records which, and the Loader follows it)",
     "gate_init_bias": "the gate heads' initial logit bias; e.g. 3 starts every connection open with probability 0.95 "
                       "(the paper: 0)",
+    "straight_through": "the hard gate's gradient in training. paper: the authors' (through the mask's probabilities; "
+                        "a closed connection gets none and never reopens); output: the forward pass unchanged, the "
+                        "backward pass the soft gate's attention (closed connections get gradients; one more "
+                        "attention per gated layer in training, none at inference)",
+    "mask_loss": "weight of the region supervision (0: off): where the data has object masks (a folder's "
+                 "<image>.masks/<words>.png, --coco-instances, the Shapes world's masks), the gate probabilities "
+                 "of the words naming an object are pulled towards its mask at every gated layer (binary "
+                 "cross-entropy); other words are left free",
     "steps": "optimizer steps; the learning-rate schedule spans them",
     "stop_at": "stop with a checkpoint after this step, keeping the --steps schedule (0: run to --steps)",
     "batch_size": "images per process per micro-batch",

@@ -29,9 +29,24 @@ class ImageTooLarge(ValueError):
 
 
 @dataclass(frozen=True)
+class MaskSource:
+    """One object's mask for --mask-loss: the caption words it names ("red circle") and where its pixels are,
+    a binary image file (`path`) or COCO segmentations (`coco`: JSON of {"height", "width", "segmentations"})."""
+    words: str
+    path: Path | None = None
+    coco: str | None = None
+    where: str = ""  # for messages
+
+    def content(self) -> bytes:
+        """What the mask's cache entry is keyed on: the file's bytes, or the segmentations' JSON."""
+        return self.path.read_bytes() if self.path is not None else self.coco.encode("utf-8")
+
+
+@dataclass(frozen=True)
 class Example:
     image: Path
     caption: str
+    masks: tuple[MaskSource, ...] = ()
 
 
 @dataclass
@@ -112,10 +127,23 @@ def caption_suffix(extension: str) -> str:
     return extension if extension.startswith(".") else "." + extension
 
 
+MASKS_SUFFIX = ".masks"  # image.png's object masks: image.masks/<words>.png, "_" for a space ("red_circle.png")
+
+
+def folder_masks(image: Path) -> tuple[MaskSource, ...]:
+    """The masks in `image.masks/` beside an image, each named by the caption words it covers."""
+    folder = image.with_suffix(MASKS_SUFFIX)
+    if not folder.is_dir():
+        return ()
+    return tuple(MaskSource(p.stem.replace("_", " "), path=p, where=str(p)) for p in sorted(folder.iterdir())
+                 if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
 def read_folder(root: Path, on_bad_caption: str, skipped: Skipped, caption_extension: str = ".txt") -> list[Example]:
     examples: list[Example] = []
     suffix = caption_suffix(caption_extension)
-    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                    and not any(part.endswith(MASKS_SUFFIX) for part in p.relative_to(root).parent.parts))
     for image in images:
         text = image.with_suffix(suffix)
         caption = None
@@ -126,6 +154,9 @@ def read_folder(root: Path, on_bad_caption: str, skipped: Skipped, caption_exten
                 skipped.add("unreadable caption file", f"{text} ({error.strerror or error})")
                 continue
         _keep(examples, skipped, image, caption, on_bad_caption)
+        masks = folder_masks(image)
+        if masks and examples and examples[-1].image == Path(image):
+            examples[-1] = Example(examples[-1].image, examples[-1].caption, masks)
     return examples
 
 
@@ -173,8 +204,30 @@ def _order(value) -> tuple:
     return (1, 0, json.dumps(value, sort_keys=True))
 
 
+UNNAMED_CATEGORY = "COCO object whose category the caption does not name (its pixels left unsupervised)"
+
+
+def coco_masks(instances, image_id, caption: str, skipped: Skipped) -> tuple[MaskSource, ...]:
+    """The masks of image `image_id`'s categories that `caption` names (name or plural), one per category (the
+    union of its objects); a category the caption does not name is counted and left out."""
+    from .coco_masks import named_as
+
+    sizes, objects = instances
+    found = []
+    for name, segmentations in sorted(objects.get(image_id, {}).items()):
+        words = named_as(name, caption)
+        if words is None:
+            skipped.note(UNNAMED_CATEGORY, f"{name!r} in image {image_id}")
+            continue
+        height, width = sizes[image_id]
+        found.append(MaskSource(words, coco=json.dumps({"height": height, "width": width,
+                                                        "segmentations": segmentations}, sort_keys=True),
+                                where=f"{name!r} objects of image {image_id}"))
+    return tuple(found)
+
+
 def read_coco(path: Path, images: Path | None, min_noun_phrases: int, on_bad_caption: str,
-              skipped: Skipped) -> list[Example]:
+              skipped: Skipped, instances: Path | None = None) -> list[Example]:
     try:
         coco = json.loads(decode_text(path.read_bytes(), skipped, path))
         files = {record["id"]: record["file_name"] for record in coco["images"]}
@@ -186,6 +239,12 @@ def read_coco(path: Path, images: Path | None, min_noun_phrases: int, on_bad_cap
                         f"\"annotations\" with image_id/caption): {error}") from error
     folder = Path(images) if images else path.parent
     count = noun_phrase_counter() if min_noun_phrases > 0 else None
+    if instances is not None:
+        from .coco_masks import CocoMaskError, read_instances
+        try:
+            instances = read_instances(instances)
+        except CocoMaskError as error:
+            raise DataError(str(error)) from None
     examples: list[Example] = []
     usable = []
     for index, record in enumerate(annotations):
@@ -205,19 +264,27 @@ def read_coco(path: Path, images: Path | None, min_noun_phrases: int, on_bad_cap
         if count is not None and _caption_problem(caption) is None and count(caption) < min_noun_phrases:
             skipped.add(f"caption with fewer than {min_noun_phrases} noun phrases", caption)
             continue
+        before = len(examples)
         _keep(examples, skipped, folder / files[record["image_id"]], caption, on_bad_caption)
+        if instances is not None and len(examples) > before:
+            kept = examples[-1]
+            examples[-1] = Example(kept.image, kept.caption, coco_masks(instances, record["image_id"], kept.caption,
+                                                                        skipped))
     return examples
 
 
 def read_examples(data: str, data_format: str, coco_images: str | None, coco_min_noun_phrases: int,
                   on_bad_caption: str, caption_extension: str = ".txt", on_bad_image: str = "skip",
-                  ) -> tuple[list[Example], Skipped]:
+                  coco_instances: str | None = None) -> tuple[list[Example], Skipped]:
     path = Path(data)
     if not path.exists():
         raise DataError(f"--data {data!r} does not exist")
     if data_format == "auto":
         data_format = "folder" if path.is_dir() else "jsonl" if path.suffix.lower() == ".jsonl" else "coco"
     skipped = Skipped()
+    if coco_instances and data_format != "coco":
+        raise DataError(f"--coco-instances goes with COCO caption JSON as --data, but --data {data!r} is read as "
+                        f"{data_format}; a folder's masks go in <image>.masks/ (trainer/README.md)")
     if data_format == "folder":
         if not path.is_dir():
             raise DataError(f"--data {data!r} is not a folder (data_format folder)")
@@ -226,7 +293,7 @@ def read_examples(data: str, data_format: str, coco_images: str | None, coco_min
         examples = read_jsonl(path, on_bad_caption, skipped, on_bad_image)
     else:
         examples = read_coco(path, Path(coco_images) if coco_images else None, coco_min_noun_phrases,
-                             on_bad_caption, skipped)
+                             on_bad_caption, skipped, Path(coco_instances) if coco_instances else None)
     return examples, skipped
 
 

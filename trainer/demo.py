@@ -51,6 +51,10 @@ class DemoEncoders:
         pooled = torch.stack([_seeded("pooled:" + w, 1280) for w in words] or [_seeded("pooled:", 1280)]).mean(0)
         return torch.stack(rows).unsqueeze(0), pooled.unsqueeze(0)
 
+    def word_positions(self, caption: str) -> list[tuple[str, list[int]]]:
+        """Each word and its context column (after the start token), as encode_text places them."""
+        return [(word, [i + 1]) for i, word in enumerate(caption.lower().replace(",", " ").split()[:75])]
+
     def close(self) -> None:
         pass
 

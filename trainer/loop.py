@@ -60,6 +60,18 @@ def noise_prediction_loss(patched, prediction: str, x0: torch.Tensor, noise: tor
     return F.mse_loss(output.float(), target.float())
 
 
+def gated_model(unpatched, gate_set, config):
+    """The frozen model with the gates to train, through the Loader's own patch path: the configured estimator
+    (--straight-through) and, with --mask-loss, a RegionSupervision recorder on the gates."""
+    from maskattn_comfy.patch import PatchOptions, apply_maskattn
+
+    from .mask_loss import RegionSupervision
+
+    recorder = RegionSupervision() if getattr(config, "mask_loss", 0.0) else None
+    return apply_maskattn(unpatched, gate_set, PatchOptions(straight_through=getattr(config, "straight_through",
+                                                                                     "paper")), recorder=recorder)
+
+
 def read_hidden_states_as_constants(gate_set) -> None:
     """Each gate head takes the UNet's hidden states (its location input) as constants in the backward
     pass; its parameters still get the straight-through gradient. The forward pass is unchanged.
@@ -159,6 +171,7 @@ class StepResult:
     grad_norm_by_stage: dict = field(default_factory=dict)  # before clipping, like grad_norm
     notes: list = field(default_factory=list)  # things to tell the user (a caption cut, once per caption)
     base_loss: float | None = None  # the frozen model's loss on the same batch without gates (--base-loss-every)
+    mask_loss: float | None = None  # the region supervision's mean over the step's micro-batches (--mask-loss)
 
 
 class GateTrainer:
@@ -196,6 +209,17 @@ class GateTrainer:
                              f"{', per aspect bucket' if len(buckets) > 1 else ''}); add images or lower --batch-size")
         self._epoch_cache: tuple[int, list] | None = None
         self._notes: list[str] = []
+        self.mask_loss_weight = float(getattr(config, "mask_loss", 0.0))
+        self.supervision = None
+        if self.mask_loss_weight:
+            from maskattn_comfy.patch import find_maskattn_patch
+
+            from .mask_loss import RegionSupervision
+            patch = find_maskattn_patch(patched)
+            if patch is None or not isinstance(patch.recorder, RegionSupervision):
+                raise ValueError("--mask-loss needs the gated model from trainer.loop.gated_model")
+            self.supervision = patch.recorder
+        self.last_mask_loss = None  # the last micro-batch's region supervision (a tensor), None when unsupervised
         self._cut_reported: set[str] = set()
 
     def micro_batch(self, micro_step: int) -> list[int]:
@@ -234,8 +258,13 @@ class GateTrainer:
         x0 = model.process_latent_in(raw)
         y = sdxl_adm(model, pooled, sizes)
         noise, sigma = self.sample_noise(micro_step, x0.shape[1:], x0.shape[0])
+        supervised = self.supervision is not None and model_patcher is None
+        if supervised:
+            from .mask_loss import load_regions
+            self.supervision.begin(load_regions(self.cache, [self.items[i] for i in indices], cut))
         data_seconds = time.perf_counter() - started
         loss = noise_prediction_loss(model_patcher or self.patched, self.prediction, x0, noise, sigma, context, y)
+        self.last_mask_loss = self.supervision.take() if supervised else None
         return loss, data_seconds
 
     def base_loss(self, step: int) -> float:
@@ -249,15 +278,22 @@ class GateTrainer:
     def train_step(self) -> StepResult:
         started = time.perf_counter()
         accum = self.config.grad_accum
-        total, data_seconds = 0.0, 0.0
+        total, data_seconds, masked = 0.0, 0.0, []
         self.optimizer.zero_grad(set_to_none=False)
         for a in range(accum):
             loss, seconds = self.micro_step_loss(self.step * accum + a)
-            (loss / accum).backward()
+            objective = loss
+            if self.last_mask_loss is not None:
+                objective = loss + self.mask_loss_weight * self.last_mask_loss
+                masked.append(float(self.last_mask_loss.detach()))
+            (objective / accum).backward()
             total += float(loss.detach()) / accum
             data_seconds += seconds
         self.world.average_gradients(self.params)
         total = self.world.average_scalar(total)
+        mask_loss = None
+        if self.supervision is not None:  # every rank takes part in the average, supervised or not
+            mask_loss = self.world.average_scalar(sum(masked) / len(masked) if masked else 0.0)
         every = getattr(self.config, "base_loss_every", 0)
         base = self.base_loss(self.step) if self.unpatched is not None and every and (self.step + 1) % every == 0 else None
         grad_norm, by_stage = gradient_norms(self.stage_params)
@@ -273,7 +309,7 @@ class GateTrainer:
         self.step += 1
         notes, self._notes = self._notes, []
         return StepResult(total, lr, grad_norm, data_seconds, time.perf_counter() - started, skipped=not finite,
-                          grad_norm_by_stage=by_stage, notes=notes, base_loss=base)
+                          grad_norm_by_stage=by_stage, notes=notes, base_loss=base, mask_loss=mask_loss)
 
     # -- state for checkpoints -------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -67,6 +67,8 @@ class Report:
                       "step_seconds": round(result.seconds, 6), "data_seconds": round(result.data_seconds, 6)}
             if result.base_loss is not None:
                 record["loss_base"] = result.base_loss
+            if result.mask_loss is not None:
+                record["mask_loss"] = result.mask_loss
             if result.skipped:
                 record["skipped"] = "non-finite gradients: no update"
                 self.note(f"step {step}: non-finite gradients (loss {result.loss}, gradient norm by stage "
@@ -74,7 +76,7 @@ class Report:
             self.metrics.write(json.dumps(record) + "\n")
             self.metrics.flush()
             if self.writer is not None:
-                for key in ("loss", "loss_base", "lr", "grad_norm", "step_seconds"):
+                for key in ("loss", "loss_base", "mask_loss", "lr", "grad_norm", "step_seconds"):
                     if key in record:
                         self.writer.add_scalar(f"train/{key}", record[key], step)
                 for stage, norm in result.grad_norm_by_stage.items():
