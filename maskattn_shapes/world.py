@@ -351,14 +351,32 @@ def split_description() -> dict:
     }
 
 
+MASK_FORMAT = ("NNNNNN.masks/<colour>_<shape>.png beside NNNNNN.png: one per object, 8-bit greyscale, the picture's "
+               "size, 255 where at least half of the pixel lies inside the shape, else 0; the name is the caption "
+               "words of the object with '_' for the space (trainer/README.md, --mask-loss)")
+
+
+def object_mask(obj: Obj, size: int) -> Image.Image:
+    """The object's pixels (at least half covered, the rendering's antialiasing cut at 0.5) as a 0/255 L image."""
+    coverage = _coverage(obj, np.arange(size, dtype=np.float64), np.arange(size, dtype=np.float64))
+    return Image.fromarray(np.where(coverage >= 0.5, 255, 0).astype(np.uint8), "L")
+
+
 def write_folder(folder, n: int, seed: int, size: int = 128) -> Path:
-    """`n` training pictures as NNNNNN.png with same-name .txt captions, and world.json."""
+    """`n` training pictures as NNNNNN.png with same-name .txt captions, each object's mask in NNNNNN.masks/
+    (MASK_FORMAT), and world.json."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for i, scene in enumerate(training_scenes(n, seed, size)):
         render(scene, size).save(folder / f"{i:06d}.png")
         (folder / f"{i:06d}.txt").write_text(scene.caption + "\n", encoding="utf-8")
-    description = {"n": n, "seed": seed, "size": size, **split_description()}
+        masks = folder / f"{i:06d}.masks"
+        masks.mkdir(exist_ok=True)
+        scale = size / scene.size
+        for o in scene.objects:
+            scaled = Obj(o.color, o.shape, o.cx * scale, o.cy * scale, o.extent * scale)
+            object_mask(scaled, size).save(masks / f"{o.color}_{o.shape}.png")
+    description = {"n": n, "seed": seed, "size": size, "masks": MASK_FORMAT, **split_description()}
     (folder / "world.json").write_text(json.dumps(description, indent=1) + "\n", encoding="utf-8")
     return folder
 
@@ -371,7 +389,7 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=128)
     args = parser.parse_args(argv)
     folder = write_folder(args.out_dir, args.n, args.seed, args.size)
-    print(f"{args.n} pictures and world.json in {folder}")
+    print(f"{args.n} pictures, their captions and object masks, and world.json in {folder}")
 
 
 if __name__ == "__main__":

@@ -66,7 +66,8 @@ def prepare_data(config: TrainConfig, base, world: World, output: Path):
             write_demo_dataset(Path(data), config.demo_images, seed=config.seed)
         world.barrier()
     examples, skipped = read_examples(data, config.data_format, config.coco_images, config.coco_min_noun_phrases,
-                                      config.bad_captions, config.caption_extension, config.bad_images)
+                                      config.bad_captions, config.caption_extension, config.bad_images,
+                                      config.coco_instances)
     cache = FeatureCache(config.cache_path)
     prepared = prepare(examples, cache, base.open_encoders, config.resolution, config.buckets, config.bad_images,
                        skipped, base.identities, shard=(world.rank, world.size))
@@ -94,11 +95,10 @@ def describe_encoding(counts: dict) -> str:
 
 
 def train(config: TrainConfig, world: World) -> int:
-    from maskattn_comfy.patch import apply_maskattn
     from maskattn_core import GateSet, save_gate_file
     from trainer.base_model import freeze, load_checkpoint as load_base
     from trainer.checkpoints import load_newest_readable, save_checkpoint, set_aside, set_rng_state
-    from trainer.loop import GateTrainer, enable_gradient_checkpointing
+    from trainer.loop import GateTrainer, enable_gradient_checkpointing, gated_model
     from trainer.report import Report, SilentReport
 
     output = Path(config.output)
@@ -140,7 +140,7 @@ def train(config: TrainConfig, world: World) -> int:
         state = None
 
     freeze(base.patcher)
-    patched = apply_maskattn(base.patcher, gate_set)
+    patched = gated_model(base.patcher, gate_set, config)  # --straight-through, and --mask-loss's recorder
     import comfy.model_management as mm
     mm.load_models_gpu([patched], force_full_load=True)
     device = next(patched.model.diffusion_model.parameters()).device
@@ -227,7 +227,7 @@ def train(config: TrainConfig, world: World) -> int:
 
 RESUME_KEYS = ("stage", "placement", "threshold", "negative_value", "gate_hidden_dim", "share_heads_by_stage",
                "batch_size", "grad_accum", "seed", "resolution", "buckets", "steps", "warmup_steps", "lr",
-               "weight_decay", "betas", "grad_clip", "gate", "gate_init_bias")
+               "weight_decay", "betas", "grad_clip", "gate", "gate_init_bias", "straight_through", "mask_loss")
 
 
 def check_resumable(config: TrainConfig, saved: dict, path: Path) -> None:
