@@ -8,7 +8,7 @@ import torch
 
 import comfy.ldm.modules.attention as comfy_attention
 import nodes
-from maskattn_comfy.compose import MASK_KEY, REGION_KEY, GatedReplace
+from maskattn_comfy.compose import MASK_KEY, REGION_KEY, GatedReplace, without_regions
 from maskattn_comfy.patch import apply_maskattn
 from maskattn_comfy.regions import Region, apply_regions, find_region_patch
 from maskattn_comfy.tiny_model import build_sdxl_model, tiny_conditioning
@@ -110,11 +110,12 @@ class RegionCheck:
         gates = extra_options.get(MASK_KEY)
         unmasked_options = {key: value for key, value in extra_options.items() if key != REGION_KEY}
         out = replace(q, k, v, extra_options)
-        if gates is None:
+        alone = without_regions(replace)  # the same layer without regions: the Loader's, IPAdapter's, or none
+        if alone is None:
             without = comfy_attention.optimized_attention(q, k, v, extra_options["n_heads"],
                                                           attn_precision=extra_options["attn_precision"])
         else:
-            without = replace.patch.attention(q, k, v, dict(unmasked_options))
+            without = alone(q, k, v, unmasked_options)
         self.calls += 1
         chunks = extra_options["cond_or_uncond"]
         rows = q.shape[0] // len(chunks)
@@ -142,9 +143,13 @@ class RegionCheck:
                     for p in region.positions:
                         for column in range(p, k.shape[1], length):
                             scale[chunk * rows + b, :, column] *= factor
-        expected = masked_attention(q, k, v, scale, extra_options["n_heads"])
+        expected = masked_attention(q, k, v, scale, extra_options["n_heads"]) + self.extra(replace, q, extra_options)
         self.errors.append(float((out.double() - expected).abs().max() / expected.abs().max()))
         return out
+
+    def extra(self, replace, q, extra_options):
+        """What the layer adds beside the text attention (IPAdapter's image prompt in test_regions_ipadapter.py)."""
+        return 0.0
 
     def assert_close(self, tolerance=1e-5):
         assert self.calls and self.errors, "no confined attention ran"
