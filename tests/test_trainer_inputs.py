@@ -193,6 +193,117 @@ def test_the_largest_float32_gate_init_bias_is_accepted():
     assert parse_config(["--demo", "--gate-init-bias=-3"]).gate_init_bias == -3.0
 
 
+# -- --install and --resume, checked before the first step ----------------------------------------
+
+@pytest.mark.parametrize("blocked", ["a file", "read-only"])
+def test_install_into_an_unwritable_models_maskattn_fails_before_the_first_step(tmp_path, gate_folder, capsys, blocked):
+    import os
+
+    data = write_demo_dataset(tmp_path / "data", 2, seed=0)
+    if blocked == "a file":
+        gate_folder.rmdir()
+        gate_folder.write_text("a file where the folder should be")
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        gate_folder.chmod(0o555)
+    code = main(TINY + ["--steps", "3", "--install", "--output", str(tmp_path / "run"), "--data", str(data)])
+    err = capsys.readouterr().err
+    assert code == 1
+    reason = "is a file, not a folder" if blocked == "a file" else "is not writable (Permission denied)"
+    assert f"error: --install: MaskAttn Loader's folder {gate_folder} {reason}; fix its permissions, or leave out " \
+           "--install and copy the gates there yourself" in err
+    assert "training" not in err and not (tmp_path / "run" / "checkpoints").exists()  # no step was taken
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+RESUME = TINY[:-2] + ["--steps", "4", "--save-every", "100", "--lr", "1e-2", "--base-loss-every", "0"]
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """(a dataset, a run stopped with a checkpoint at step 2 of 4, the same 4 steps run in one go)."""
+    root = tmp_path_factory.mktemp("resume")
+    data = write_demo_dataset(root / "data", 3, seed=5)
+    assert main(RESUME + ["--output", str(root / "whole"), "--data", str(data)]) == 0
+    assert main(RESUME + ["--stop-at", "2", "--output", str(root / "stopped"), "--data", str(data)]) == 0
+    return data, root / "stopped", root / "whole" / "maskattn_demo.safetensors"
+
+
+def resume(stopped_run, tmp_path, *flags, data=None):
+    import shutil
+
+    original_data, stopped, _ = stopped_run
+    run = tmp_path / "run"
+    shutil.copytree(stopped, run)
+    return main(RESUME + ["--resume", "--output", str(run), "--data", str(data or original_data), *flags]), run
+
+
+def same_file_tensors(a, b) -> bool:
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(a)), load_file(str(b))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resuming_with_another_unet_precision_is_refused_and_the_same_dtype_by_another_name_is_said(
+        stopped_run, tmp_path, capsys):
+    code, run = resume(stopped_run, tmp_path, "--precision", "fp64")
+    err = capsys.readouterr().err
+    assert code == 1 and "training" not in err
+    assert f"error: cannot resume from {run / 'checkpoints' / 'step-00000002'} exactly: the frozen UNet's precision " \
+           "(torch.float32 -> torch.float64, --precision 'auto' -> 'fp64') changed since it was written; restore " \
+           "them, or train into a new --output" in err
+
+    code, run = resume(stopped_run, tmp_path / "fp32", "--precision", "fp32")  # auto is float32 on the CPU
+    assert code == 0
+    assert "--resume: --precision 'auto' -> 'fp32' gives the same torch.float32 UNet" in capsys.readouterr().err
+    assert same_file_tensors(run / "maskattn_demo.safetensors", stopped_run[2])
+
+
+def test_resuming_a_checkpoint_without_its_unet_dtype_needs_the_same_precision_flag(stopped_run, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "old"
+    shutil.copytree(stopped_run[1], copy)
+    state_path = copy / "checkpoints" / "step-00000002" / "state.pt"
+    state = torch.load(state_path, weights_only=True)
+    del state["unet_dtype"]  # as written before it was recorded
+    torch.save(state, state_path)
+    code, _ = resume((stopped_run[0], copy, stopped_run[2]), tmp_path, "--precision", "fp32")
+    assert code == 1 and "the frozen UNet's precision (auto -> fp32" in capsys.readouterr().err
+
+
+def test_resuming_on_a_changed_dataset_is_refused_naming_the_change(stopped_run, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(stopped_run[0], data)
+    caption = sorted(data.rglob("*.txt"))[0]
+    caption.write_text(caption.read_text() + " and a blue square")
+    code, _ = resume(stopped_run, tmp_path, data=data)
+    err = capsys.readouterr().err
+    assert code == 1 and "training" not in err
+    assert re.search(r"exactly: the dataset \(3 examples, sha256 [0-9a-f]{12} -> 3 examples, [0-9a-f]{12}\) changed "
+                     r"since it was written; restore them, or train into a new --output", err), err
+    shutil.copytree(stopped_run[0], tmp_path / "same_data")  # another path to the same examples: resumes
+    code, _ = resume(stopped_run, tmp_path / "again", data=tmp_path / "same_data")
+    assert code == 0
+
+
+def test_resuming_with_gradient_checkpointing_changed_says_so_and_continues_exactly(stopped_run, tmp_path, capsys):
+    from trainer.demo import tiny_unet
+
+    try:
+        code, run = resume(stopped_run, tmp_path, "--gradient-checkpointing")
+    finally:
+        tiny_unet.cache_clear()  # checkpointing patched the cached demo UNet's blocks: later tests build a fresh one
+    assert code == 0
+    assert "--resume: gradient_checkpointing False -> True: it recomputes the same activations, so the run " \
+           "continues exactly" in capsys.readouterr().err
+    assert same_file_tensors(run / "maskattn_demo.safetensors", stopped_run[2])  # bit for bit
+
+
 # -- long captions in one batch ----------------------------------------------------------------------
 
 def test_captions_of_7_and_11_chunks_are_cut_to_what_comfyui_would_batch_not_padded_to_5929_tokens():

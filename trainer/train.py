@@ -36,16 +36,31 @@ class OutputError(RuntimeError):
     pass
 
 
-def check_output(output: Path) -> None:
+def check_output(output: Path, what: str = "the output folder",
+                 fix: str = "pick another with --output or fix its permissions") -> None:
     """Fail before any work if the output folder cannot be written."""
+    if output.exists() and not output.is_dir():
+        raise OutputError(f"{what} {output} is a file, not a folder; {fix}")
     try:
         output.mkdir(parents=True, exist_ok=True)
         probe = output / f".write-test-{os.getpid()}"
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as error:
-        raise OutputError(f"the output folder {output} is not writable ({error.strerror or error}); "
-                          "pick another with --output or fix its permissions") from None
+        raise OutputError(f"{what} {output} is not writable ({error.strerror or error}); {fix}") from None
+
+
+def install_folder() -> Path:
+    """ComfyUI's models/maskattn (the first folder MaskAttn Loader lists), where --install writes the gates."""
+    import folder_paths
+    from maskattn_comfy.folders import FOLDER, register_folder
+
+    try:
+        register_folder()  # creates models/maskattn
+    except OSError as error:
+        raise OutputError(f"--install: ComfyUI's models/maskattn cannot be created ({error}); fix the folder's "
+                          "permissions, or leave out --install and copy the gates there yourself") from None
+    return Path(folder_paths.get_folder_paths(FOLDER)[0])
 
 
 def say(world: World, message: str) -> None:
@@ -104,6 +119,9 @@ def train(config: TrainConfig, world: World) -> int:
     output = Path(config.output)
     if world.is_main:
         check_output(output)
+        if config.install:  # found out now, not after the training it would throw away
+            check_output(install_folder(), "--install: MaskAttn Loader's folder",
+                         "fix its permissions, or leave out --install and copy the gates there yourself")
         save_resolved(config, output / "config.yaml")
     world.barrier()
     torch.manual_seed(config.seed)
@@ -130,6 +148,8 @@ def train(config: TrainConfig, world: World) -> int:
         if damaged and world.is_main:
             set_aside(damaged, lambda message: say(world, message))
         check_resumable(config, state["config"], resume_from)
+        check_same_inputs(config, state, gate_set.provenance, provenance, unet_dtype(base), resume_from,
+                          lambda message: say(world, message))
         gate_set.provenance = provenance
     else:
         gate_set = GateSet.create(config.maskattn(), base.layer_channels, seed=config.seed, provenance=provenance)
@@ -180,7 +200,8 @@ def train(config: TrainConfig, world: World) -> int:
         if world.is_main:
             gate_set.provenance["steps"] = trainer.step
             path = save_checkpoint(output, trainer.step, gate_set,
-                                   dict(trainer.state_dict(), config=config.to_dict()), config.keep_last)
+                                   dict(trainer.state_dict(), config=config.to_dict(), unet_dtype=unet_dtype(base)),
+                                   config.keep_last)
             report.note(f"checkpoint: {path}")
         world.barrier()
 
@@ -215,10 +236,7 @@ def train(config: TrainConfig, world: World) -> int:
         final = save_gate_file(gate_set, output / f"{config.name}.safetensors")
         say(world, f"gates: {final}")
         if config.install:
-            import folder_paths
-            from maskattn_comfy.folders import FOLDER, register_folder
-            register_folder()
-            installed = save_gate_file(gate_set, Path(folder_paths.get_folder_paths(FOLDER)[0]) / final.name)
+            installed = save_gate_file(gate_set, install_folder() / final.name)
             say(world, f"installed for MaskAttn Loader: {installed}")
     elif trainer.step < config.steps:
         say(world, f"stopped at step {trainer.step} of {config.steps} (--stop-at); continue with --resume")
@@ -240,6 +258,38 @@ def check_resumable(config: TrainConfig, saved: dict, path: Path) -> None:
     if changed:
         raise ConfigError(f"cannot resume from {path}: these settings differ from the checkpoint's ({'; '.join(changed)}); "
                           "restore them, or train into a new --output")
+
+
+def unet_dtype(base) -> str:
+    """The frozen UNet's weight and compute dtypes, e.g. "torch.float16 (computed in torch.float32)"."""
+    stored, cast = base.patcher.model.get_dtype(), getattr(base.patcher.model, "manual_cast_dtype", None)
+    return str(stored) if cast in (None, stored) else f"{stored} (computed in {cast})"
+
+
+def check_same_inputs(config: TrainConfig, state: dict, trained: dict, now: dict, dtype: str, path: Path,
+                      say) -> None:
+    """Refuse a resume whose frozen UNet precision or dataset differ from the checkpoint's (the run would not
+    continue exactly); say what changed that keeps it exact."""
+    saved = state["config"]
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    precision = saved.get("precision", defaults["precision"])
+    changed = []
+    before = state.get("unet_dtype")  # checkpoints that predate it: the flag itself must be unchanged
+    if (before or precision) != (dtype if before else config.precision):
+        changed.append(f"the frozen UNet's precision ({before or precision} -> {dtype if before else config.precision}, "
+                       f"--precision {precision!r} -> {config.precision!r})")
+    if trained.get("dataset_sha256") not in (None, now["dataset_sha256"]):
+        changed.append(f"the dataset ({trained.get('dataset_size')} examples, sha256 {trained['dataset_sha256'][:12]} "
+                       f"-> {now['dataset_size']} examples, {now['dataset_sha256'][:12]})")
+    if changed:
+        raise ConfigError(f"cannot resume from {path} exactly: {' and '.join(changed)} changed since it was "
+                          "written; restore them, or train into a new --output")
+    if precision != config.precision:
+        say(f"--resume: --precision {precision!r} -> {config.precision!r} gives the same {dtype} UNet")
+    checkpointing = saved.get("gradient_checkpointing", defaults["gradient_checkpointing"])
+    if checkpointing != config.gradient_checkpointing:
+        say(f"--resume: gradient_checkpointing {checkpointing} -> {config.gradient_checkpointing}: it recomputes the "
+            "same activations, so the run continues exactly")
 
 
 def main(argv: list[str] | None = None) -> int:
