@@ -263,3 +263,33 @@ def _remove_regions(patched, transformer_options: dict) -> None:
         else:
             attn2[key] = kept
     patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY)
+
+
+def word_positions(clip, text: str, words: str) -> tuple[list[int], int]:
+    """The token columns of `words` (comma-separated, as Visualize Mask's: any script, "(red:1.2)" tolerated) in
+    `text` as `clip` tokenizes it, and the prompt's token column count; a ValueError names every word not found."""
+    from .tokens import select_tokens, token_labels
+
+    if not words.replace(",", " ").strip():
+        raise ValueError("MaskAttn Region needs the word(s) to confine, e.g. 'red, cube' (comma-separated)")
+    labels = token_labels(clip, clip.tokenize(text))
+    missing, positions = [], []
+    for word in (w.strip() for w in words.split(",")):
+        if not word:
+            continue
+        try:
+            positions += select_tokens(labels, word)[0]
+        except ValueError:
+            missing.append(word)
+    if missing:
+        known = ", ".join(dict.fromkeys(label.word for label in labels if not label.special))
+        raise ValueError(f"MaskAttn Region: {', '.join(repr(w) for w in missing)} "
+                         f"{'is' if len(missing) == 1 else 'are'} not in the prompt {text!r}; its words (as the "
+                         f"tokenizer splits them) are: {known}")
+    return positions, len(labels)
+
+
+def apply_region_words(model, clip, text: str, words: str, mask: Tensor, strength: float, unconditional=False):
+    """apply_regions for `words` of the prompt `text`: the node's whole work."""
+    positions, length = word_positions(clip, text, words)
+    return apply_regions(model, [Region(positions, mask, strength, length, unconditional)])
