@@ -139,15 +139,14 @@ def apply_control(model, control: ControlSet):
     return patched
 
 
-def train(argv=None) -> Path:
-    """Train a control with the trainer's flags; returns the written file."""
+def train(config) -> Path:
+    """Train a control with the trainer's configuration (`trainer.config.parse_config`); returns the written file."""
     from trainer.base_model import freeze, load_checkpoint
-    from trainer.config import parse_config, save_resolved
+    from trainer.config import save_resolved
     from trainer.distributed import World
     from trainer.loop import GateTrainer
     from trainer.train import check_output, prepare_data
 
-    config = parse_config(argv)
     from maskattn_comfy import host
 
     host.boot(config.comfyui, cpu=True if config.cpu else None)
@@ -155,7 +154,13 @@ def train(argv=None) -> Path:
     check_output(output)
     save_resolved(config, output / "config.yaml")
     torch.manual_seed(config.seed)
-    base = load_checkpoint(config.checkpoint, config.precision, config.cache_path)
+    if config.demo and config.checkpoint is None:  # as trainer/train.py: the tiny built-in model and its shapes
+        from trainer.base_model import PRECISIONS
+        from trainer.demo import demo_base_model
+
+        base = demo_base_model(seed=config.seed, dtype=PRECISIONS.get(config.precision, torch.float32))
+    else:
+        base = load_checkpoint(config.checkpoint, config.precision, config.cache_path)
     cache, prepared, _, _ = prepare_data(config, base, world, output)
     control = ControlSet.matching(config.maskattn(), base.layer_channels, seed=config.seed)
     freeze(base.patcher)
@@ -179,5 +184,28 @@ def train(argv=None) -> Path:
     return path
 
 
+def main(argv=None) -> int:
+    """`train` with trainer/train.py's exits: 2 for bad flags, 1 for bad inputs, each one line."""
+    from trainer.config import ConfigError, parse_config
+
+    try:
+        config = parse_config(argv)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    from maskattn_core import GateFileError
+    from trainer.base_model import BaseModelError
+    from trainer.checkpoints import CheckpointError
+    from trainer.data import DataError
+    from trainer.train import OutputError
+
+    try:
+        train(config)
+    except (ConfigError, DataError, BaseModelError, CheckpointError, OutputError, GateFileError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    train()
+    sys.exit(main())

@@ -308,10 +308,13 @@ def validate(n: int, seed: int, degraded: bool, noise_sd: float = 0.0, size: int
 
 
 def main(argv=None):
+    from maskattn_shapes.cli import non_negative, positive
+
     parser = argparse.ArgumentParser(description="the evaluator's accuracy on the generator's own pictures")
-    parser.add_argument("--n", type=int, default=500)
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--noise-sd", type=float, default=16.0, help="for the third, noisy row")
+    parser.add_argument("--n", type=positive(int), default=500, help="pictures per row")
+    parser.add_argument("--seed", type=non_negative(int), default=1)
+    parser.add_argument("--noise-sd", type=non_negative(float), default=16.0,
+                        help="Gaussian pixel noise per channel for the third, noisy row")
     args = parser.parse_args(argv)
     for name, degraded, noise_sd in (("crisp", False, 0.0), ("through the latent", True, 0.0),
                                      (f"latent + noise sd {args.noise_sd:g}", True, args.noise_sd)):

@@ -110,24 +110,45 @@ def variants(model, gate_files: list[Path], controls: list[Path], half_strength:
                                                                           PatchOptions(strength=0.5))
 
 
+def check_variant_files(parser, gate_files: list[Path], controls: list[Path]) -> None:
+    """Read every gate and control file once before any sampling: a bad one is one line, not a
+    traceback after the base variant has sampled for minutes."""
+    from safetensors import SafetensorError
+
+    from maskattn_core.gate_file import load_gate_file
+    from maskattn_shapes.control import ControlSet
+
+    for flag, paths, load in (("--gates", gate_files, load_gate_file), ("--control", controls, ControlSet.load)):
+        for path in paths:
+            if not path.is_file():
+                parser.error(f"{flag} {path}: no such file")
+            try:
+                load(path)
+            except (ValueError, KeyError, RuntimeError, OSError, SafetensorError) as error:  # RuntimeError: load_state_dict
+                parser.error(f"{flag} {path}: {error}")
+
+
 def main(argv=None):
     from maskattn_shapes import model as shapes
+    from maskattn_shapes.cli import non_negative, positive, writable_folder
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--per-kind", type=int, default=160, help="prompts per kind (5 kinds)")
-    p.add_argument("--steps", type=int, default=8, help="sampler steps (dpmpp_2m, karras)")
-    p.add_argument("--cfg", type=float, default=5.0)
-    p.add_argument("--batch", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0, help="prompt draw; prompt i is sampled with seed + i")
+    p.add_argument("--per-kind", type=positive(int), default=160, help="prompts per kind (5 kinds)")
+    p.add_argument("--steps", type=positive(int), default=8, help="sampler steps (dpmpp_2m, karras)")
+    p.add_argument("--cfg", type=non_negative(float), default=5.0)
+    p.add_argument("--batch", type=positive(int), default=100)
+    p.add_argument("--seed", type=non_negative(int), default=0, help="prompt draw; prompt i is sampled with seed + i")
     p.add_argument("--gates", nargs="*", type=Path,
                    default=[shapes.GATES / f"shapes_gates{suffix}.safetensors" for suffix in ("", "_all", "_high", "_soft")])
     p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
     p.add_argument("--control", nargs="*", type=Path, default=[shapes.CONTROL],
                    help="control files (python -m maskattn_shapes.control): the base with the same extra training, no gates")
     p.add_argument("--half-strength", action="store_true", help="also the first gate file at strength 0.5")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--threads", type=non_negative(int), default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--out", type=Path, default=Path("output/study"))
     args = p.parse_args(argv)
+    writable_folder(p, args.out, "--out")
+    check_variant_files(p, args.gates, args.control)
 
     from maskattn_comfy import host
 
@@ -145,9 +166,6 @@ def main(argv=None):
     encoded = encode_prompts(clip, prompts)
     print(f"[study] {len(prompts)} prompts encoded, {time.time() - started:.0f} s", flush=True)
     results = {}
-    missing = [str(g) for g in [*args.gates, *args.control] if not g.is_file()]
-    if missing:
-        raise SystemExit(f"[study] files not found: {', '.join(missing)}")
     for name, variant in variants(model, args.gates, args.control, args.half_strength):
         tick = time.time()
         pictures = sample(variant, vae, encoded, seeds, args.steps, args.cfg, args.batch)

@@ -381,13 +381,25 @@ def write_folder(folder, n: int, seed: int, size: int = 128) -> Path:
     return folder
 
 
+def _image_size(text: str) -> int:
+    from maskattn_shapes.cli import number
+
+    size = number(int, text)
+    if not (32 <= size <= 1024 and size % 8 == 0):
+        raise argparse.ArgumentTypeError(f"must be a multiple of 8 (the latent's factor) from 32 to 1024, got {text}")
+    return size
+
+
 def main(argv=None):
+    from maskattn_shapes.cli import non_negative, positive, writable_folder
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
-    parser.add_argument("--n", type=int, default=20000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--n", type=positive(int), default=20000, help="pictures")
+    parser.add_argument("--seed", type=non_negative(int), default=0)
+    parser.add_argument("--size", type=_image_size, default=128, help="image side in pixels")
     args = parser.parse_args(argv)
+    writable_folder(parser, args.out_dir, "out_dir")
     folder = write_folder(args.out_dir, args.n, args.seed, args.size)
     print(f"{args.n} pictures, their captions and object masks, and world.json in {folder}")
 
