@@ -35,8 +35,8 @@ pytestmark = [
                               f"0.33.0's); this host serves {FRONTEND}"),
 ]
 
-PACK_NODES = {"MaskAttnLoader": "MaskAttn Loader", "MaskAttnVisualize": "Visualize Mask",
-              "MaskAttnShapesCheckpoint": "MaskAttn Shapes Checkpoint"}
+PACK_NODES = {"MaskAttnLoader": "MaskAttn Loader", "MaskAttnRegion": "MaskAttn Region",
+              "MaskAttnVisualize": "Visualize Mask", "MaskAttnShapesCheckpoint": "MaskAttn Shapes Checkpoint"}
 SHIPPED_GATES = sorted(p.name for p in (REPO / "maskattn_shapes" / "gates").glob("*.safetensors"))
 CORRUPT = "corrupt_gates.safetensors"
 EXAMPLES = sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
@@ -127,7 +127,7 @@ def test_node_library_lists_the_pack_nodes_under_maskattn_with_their_description
     leaves.first.wait_for()
     names = leaves.evaluate_all("els => els.map(e => e.getAttribute('aria-label') || e.innerText.trim())")
     assert sorted(names) == sorted(PACK_NODES.values())
-    for node_id in ["MaskAttnShapesCheckpoint", "MaskAttnVisualize", "MaskAttnLoader"]:
+    for node_id in ["MaskAttnShapesCheckpoint", "MaskAttnVisualize", "MaskAttnLoader", "MaskAttnRegion"]:
         info = node_info(server, node_id)
         assert info["category"] == "MaskAttn"
         leaves.filter(has_text=info["display_name"]).hover(force=True)  # 1.49's virtual list never settles
@@ -190,6 +190,18 @@ def test_loader_widgets_show_their_tooltips_on_the_canvas(server, frontend):
         playwright_api.expect(tooltip).to_have_text(spec[1]["tooltip"], timeout=TIMEOUT_MS)
         if widget == "gate_name":
             frontend.screenshot("loader_tooltip")
+
+
+def test_region_widgets_show_their_tooltips_on_the_canvas(server, frontend):
+    load_template(frontend, "maskattn_regions_shapes")
+    tooltip = frontend.page.locator(".node-tooltip")
+    for widget, spec in node_info(server, "MaskAttnRegion")["input"]["required"].items():
+        if spec[0] in ("MODEL", "CLIP", "MASK") or spec[1].get("multiline"):  # a textarea is a DOM widget, not canvas
+            continue
+        frontend.hover(*frontend.widget_point("MaskAttnRegion", widget))
+        playwright_api.expect(tooltip).to_have_text(spec[1]["tooltip"], timeout=TIMEOUT_MS)
+        if widget == "words":
+            frontend.screenshot("region_tooltip")
 
 
 def test_gate_name_lists_the_files_in_models_maskattn(server, frontend):

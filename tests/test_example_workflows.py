@@ -176,3 +176,37 @@ def test_inpaint_workflow_resamples_only_where_the_gate_map_is_above_the_thresho
     scale = float(before.abs().max())
     assert float((after - before)[outside].abs().max()) < 1e-5 * scale  # kept exactly (up to latent scaling)
     assert float((after - before)[inside].abs().max()) > 1e-2 * scale
+
+
+# -- MaskAttn Region workflows ---------------------------------------------------------------
+
+def without_regions(api):
+    """The same graph with the MaskAttn Region nodes taken out: the sampler gets the checkpoint's MODEL."""
+    api = json.loads(json.dumps(api))
+    regions = of_type(api, "MaskAttnRegion")
+    for node in api.values():
+        for name, value in node["inputs"].items():
+            while isinstance(value, list) and value[0] in regions:
+                value = api[value[0]]["inputs"]["model"]
+            node["inputs"][name] = value
+    return {i: n for i, n in api.items() if i not in regions}
+
+
+@pytest.mark.parametrize("name, size", [("maskattn_regions_sdxl.json", 64), ("maskattn_regions_shapes.json", 128)])
+def test_regions_workflow_confines_each_objects_words_to_its_half(server, name, size):
+    api = example(server, name, size=size)
+    regions = of_type(api, "MaskAttnRegion")
+    (sampler,) = of_type(api, "KSampler")
+    assert len(regions) == 2
+    for region in regions:  # each mask: Solid Mask 0 with a Solid Mask 1 of half the width composited onto it
+        composite = api[api[region]["inputs"]["mask"][0]]
+        assert composite["class_type"] == "MaskComposite"
+        assert [api[composite["inputs"][k][0]]["class_type"] for k in ("destination", "source")] == ["SolidMask"] * 2
+    assert api[api[sampler]["inputs"]["model"][0]]["class_type"] == "MaskAttnRegion"
+    confined = run(server, api, [sampler])[0][sampler]
+    off = json.loads(json.dumps(api))
+    for region in regions:
+        off[region]["inputs"]["strength"] = 0.0
+    plain = run(server, without_regions(api), [sampler])[0][sampler]
+    assert torch.equal(run(server, off, [sampler])[0][sampler], plain)  # strength 0: the checkpoint's model
+    assert differ(confined, plain)
