@@ -19,7 +19,7 @@ from torch import Tensor
 
 import comfy.ldm.modules.attention as comfy_attention
 import comfy.patcher_extension
-from maskattn_core import layer_name
+from maskattn_core import LayerKey, layer_name
 from maskattn_core.regions import (NEGATIVE_VALUE, as_mask_batch, latent_mask, layer_mask, region_logits,
                                    repeated_positions)
 
@@ -293,3 +293,55 @@ def apply_region_words(model, clip, text: str, words: str, mask: Tensor, strengt
     """apply_regions for `words` of the prompt `text`: the node's whole work."""
     positions, length = word_positions(clip, text, words)
     return apply_regions(model, [Region(positions, mask, strength, length, unconditional)])
+
+
+# -- what Visualize Mask draws ---------------------------------------------------------------
+
+def require_regions(model) -> RegionPatch:
+    """The RegionPatch of a MODEL with MaskAttn Region nodes, or a ValueError that says what to connect."""
+    patch = find_region_patch(model)
+    if patch is None:
+        raise ValueError("this MODEL carries no MaskAttn Region: connect the MODEL output of a MaskAttn Region node "
+                         "(with strength above 0) to Visualize Mask for the region mask")
+    return patch
+
+
+def layer_levels(unet) -> dict:
+    """{attn2 LayerKey: the number of stride-2 downsamples above it} for a ComfyUI UNet, from its own modules:
+    an input block's Downsample counts for the blocks after it, an output block's Upsample for the blocks after it."""
+    levels, level = {}, 0
+    blocks = [("input", unet.input_blocks), ("middle", [unet.middle_block]), ("output", unet.output_blocks)]
+    for block_name, seq in blocks:
+        for number, block in enumerate(seq):
+            if block_name == "input":
+                level += sum(type(layer).__name__ == "Downsample" for layer in block)
+            for layer in block:
+                for index, _ in enumerate(getattr(layer, "transformer_blocks", None) or []):
+                    levels[(block_name, number, index)] = level
+            if block_name == "output":
+                level -= sum(type(layer).__name__ == "Upsample" for layer in block)
+    return {LayerKey(*key): value for key, value in levels.items()}
+
+
+def region_maps(patch: RegionPatch, levels: dict, latent_size: tuple[int, int], columns: list[list[int]],
+                batch_index: int = 0) -> dict:
+    """{layer: [C, h, w]} the share of attention weight each column group keeps at each layer's grid under the
+    regions (1 where no region confines it; 1 - strength (1 - m) where one does), image `batch_index`; a group's
+    columns are averaged, as Visualize Mask's words are."""
+    from .recording import level_sides
+
+    maps = {}
+    for key, level in levels.items():
+        grid = level_sides(*latent_size, level)
+        kept = torch.ones(len(columns), *grid)
+        for c, group in enumerate(columns):
+            per_column = torch.ones(len(group), *grid)
+            for g, position in enumerate(group):
+                for region in patch.regions:
+                    if position % region.prompt_length in region.positions:
+                        mask = region.mask[batch_index % region.mask.shape[0]][None]
+                        m = layer_mask(latent_mask(mask, latent_size), grid)[0]
+                        per_column[g] = per_column[g] * region_logits(m, region.strength, patch.negative_value).exp()
+            kept[c] = per_column.mean(0)
+        maps[key] = kept
+    return maps

@@ -27,6 +27,7 @@ CHOICES = {
     "attention_masked": ATTENTION_MAPS,
     "attention_unmasked": ATTENTION_MAPS,
     "difference": ATTENTION_MAPS,
+    "region": (),  # MaskAttn Region's masks: computed from the regions themselves, nothing recorded
 }
 TITLES = {
     "probability": "gate probability",
@@ -34,6 +35,7 @@ TITLES = {
     "attention_masked": "cross-attention with the MaskAttn mask",
     "attention_unmasked": "cross-attention without the mask (same queries and keys)",
     "difference": "attention with mask minus without",
+    "region": "MaskAttn Region: share of each token's attention weight kept (1 = free, 0 = closed)",
 }
 GROUPINGS = ("layer", "block", "stage", "all")
 
@@ -106,7 +108,7 @@ def group_rows(layer_maps: dict[LayerKey, Tensor], grouping: str, latent_size: t
 
 def scale_for(choice: str, values: Tensor) -> ColourScale:
     """Gates on [0, 1]; attention on [0, largest shown]; the difference symmetric around 0."""
-    if choice in ("probability", "hard"):
+    if choice in ("probability", "hard", "region"):
         return ColourScale(0.0, 1.0, False)
     if choice == "difference":
         reach = float(values.abs().max()) if values.numel() else 0.0

@@ -17,7 +17,9 @@ import comfy.samplers
 import comfy.utils
 
 from .patch import apply_maskattn, find_maskattn_patch
+from .model_check import diffusion_model_of
 from .recording import MapRecorder
+from .regions import layer_levels, region_maps, require_regions
 from .render import (CHOICES, GROUPINGS, TITLES, GridLayout, chosen_maps, grid_layout, group_rows, render_grid,
                      row_labels, scale_for, to_image_tensor, word_mask)
 from .tokens import TokenLabel, select_tokens, token_labels
@@ -148,8 +150,11 @@ def record_maps(model, positive, latent: dict, options: VisualizeOptions,
 
 def visualize_mask(model, clip, text: str, latent: dict, options: VisualizeOptions,
                    image: Tensor | None = None) -> Visualization:
-    """The grid IMAGE and the words' MASK for `text` on `model` (patched by MaskAttn Loader)."""
-    require_maskattn(model)
+    """The grid IMAGE and the words' MASK for `text` on `model` (patched by MaskAttn Loader; by MaskAttn Region
+    for the "region" map, which is drawn from the regions themselves, with no model call)."""
+    regions = require_regions(model) if options.map == "region" else None
+    if regions is None:
+        require_maskattn(model)
     if not text.strip():
         raise ValueError("the prompt is empty: type the prompt whose words you want to see mapped")
     tokens = clip.tokenize(text)
@@ -162,11 +167,17 @@ def visualize_mask(model, clip, text: str, latent: dict, options: VisualizeOptio
 
     # Only the columns the grid has room for are recorded, plus one averaged column per word for the MASK.
     latent_size = tuple(pick_latent(latent, options.batch_index).shape[-2:])
-    layout = grid_layout(row_labels(require_maskattn(model).gate_set.layers, options.grouping), len(columns),
-                         latent_size)
+    levels = layer_levels(diffusion_model_of(model)) if regions is not None else None
+    layers = list(levels) if regions is not None else require_maskattn(model).gate_set.layers
+    layout = grid_layout(row_labels(layers, options.grouping), len(columns), latent_size)
     drawn = columns[:layout.shown]
-    recorder = record_maps(model, positive, latent, options, [[c.position] for c in drawn] + words)
-    recorded = chosen_maps(recorder.maps(), options.map)
+    if regions is not None:
+        pick_latent(latent, options.batch_index)
+        recorded = region_maps(regions, levels, latent_size, [[c.position] for c in drawn] + words,
+                               options.batch_index)
+    else:
+        recorder = record_maps(model, positive, latent, options, [[c.position] for c in drawn] + words)
+        recorded = chosen_maps(recorder.maps(), options.map)
     layer_maps = {key: maps[:len(drawn)] for key, maps in recorded.items()}
     word_maps = {key: maps[len(drawn):] for key, maps in recorded.items()}
     rows = group_rows(layer_maps, options.grouping, latent_size, size=layout.cell)
@@ -174,8 +185,10 @@ def visualize_mask(model, clip, text: str, latent: dict, options: VisualizeOptio
 
     photo = None if image is None else pick_photo(image, options.batch_index)
     height, width = photo.shape[:2] if photo is not None else (latent_size[0] * VAE_SCALE, latent_size[1] * VAE_SCALE)
-    title = (f"{TITLES[options.map]}  |  {options.noise_levels} noise level(s) from {options.start_percent:.0%} to "
-             f"{options.end_percent:.0%} of the schedule  |  latent {latent_size[1]}x{latent_size[0]} "
+    when = ("the regions' own masks, no model call" if regions is not None else
+            f"{options.noise_levels} noise level(s) from {options.start_percent:.0%} to "
+            f"{options.end_percent:.0%} of the schedule")
+    title = (f"{TITLES[options.map]}  |  {when}  |  latent {latent_size[1]}x{latent_size[0]} "
              f"(image {latent_size[1] * VAE_SCALE}x{latent_size[0] * VAE_SCALE})")
     grid, boxes, layout = render_grid(rows, drawn, scale, title, image=photo, left_out=len(columns) - len(drawn),
                                       latent_size=latent_size)

@@ -9,6 +9,7 @@ MAPS = {
     "attention with mask": "attention_masked",
     "attention without mask": "attention_unmasked",
     "attention difference": "difference",
+    "region mask": "region",
 }
 
 
@@ -23,7 +24,8 @@ class MaskAttnVisualize(io.ComfyNode):
             description="Shows which image regions each word of the prompt may reach through MaskAttn's gates, "
                         "layer by layer, and how cross-attention changes because of them.",
             inputs=[
-                io.Model.Input("model", tooltip="The MODEL output of MaskAttn Loader."),
+                io.Model.Input("model", tooltip="The MODEL output of MaskAttn Loader (or of MaskAttn Region for the "
+                                                "region mask)."),
                 io.Clip.Input("clip", tooltip="The CLIP of the same checkpoint: it encodes the prompt and splits "
                                               "it into the tokens that label the columns."),
                 io.String.Input("text", multiline=True, tooltip="The prompt to map (ComfyUI's (word:1.2) syntax works)."),
@@ -38,7 +40,10 @@ class MaskAttnVisualize(io.ComfyNode):
                                tooltip="The least noisy level (1 = the end of the schedule)."),
                 io.Combo.Input("map", options=list(MAPS), default="gate probability",
                                tooltip="Gate probability, the hard gate (open/closed), cross-attention with the "
-                                       "mask, the same attention with the mask removed, or their difference."),
+                                       "mask, the same attention with the mask removed, or their difference; "
+                                       "region mask: what MaskAttn Region nodes on this MODEL let each token keep "
+                                       "of its attention weight, per layer (1 = free, 0 = closed; needs no "
+                                       "Loader and runs no model)."),
                 io.Combo.Input("grouping", options=list(GROUPINGS), default="block",
                                tooltip="One row per gated layer, per ComfyUI block, per stage, or all averaged."),
                 io.String.Input("words", default="",
