@@ -90,6 +90,7 @@ class RegionCheck:
             if isinstance(fn, GatedReplace) and fn.regions is not None:
                 replaces[key] = self.hook(fn)
         self.errors, self.free_rows, self.calls, self.full, self.latents = [], 0, 0, None, {}
+        self.single_chunk_calls = 0
 
     def __deepcopy__(self, memo):
         return self
@@ -118,6 +119,7 @@ class RegionCheck:
             without = alone(q, k, v, unmasked_options)
         self.calls += 1
         chunks = extra_options["cond_or_uncond"]
+        self.single_chunk_calls += len(chunks) == 1
         rows = q.shape[0] // len(chunks)
         crop = tuple(extra_options["original_shape"][-2:])
         full = self.full or crop
