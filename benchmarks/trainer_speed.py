@@ -8,6 +8,9 @@ of step time spent loading data, and the share spent in the gates: the gate hook
 forward time, measured directly, and the extra forward+backward time of the gated UNet over
 the same UNet without gates. It uses the demo's tiny model and stand-in encoders, so the
 "without cache" penalty here is a lower bound: SDXL's real VAE and CLIP cost far more.
+It also times the gated forward+backward with `--straight-through output` (one more attention per
+gated layer) and with `--mask-loss` (the region supervision of two words per sample) against the
+paper's estimator alone.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ def main() -> None:
     host.boot(args.comfyui, cpu=True)
     import torch
 
-    from maskattn_comfy.patch import MaskAttnPatch, apply_maskattn
+    from maskattn_comfy.patch import MaskAttnPatch, PatchOptions, apply_maskattn
     from maskattn_core import GateSet
     from trainer.cache import FeatureCache, load_batch, prepare
     from trainer.config import DEMO_DEFAULTS, build_config
@@ -67,6 +70,11 @@ def main() -> None:
         p.requires_grad_(False)
     gate_set = GateSet.create(config.maskattn(), base.layer_channels, seed=0)
     patched = apply_maskattn(base.patcher, gate_set)
+    from trainer.mask_loss import RegionSupervision
+
+    output_estimator = apply_maskattn(base.patcher, gate_set, PatchOptions(straight_through="output"))
+    supervision = RegionSupervision()
+    supervised = apply_maskattn(base.patcher, gate_set, recorder=supervision)
 
     # The gate hooks' own forward time, measured around MaskAttnPatch.__call__.
     hook_seconds = [0.0]
@@ -98,19 +106,28 @@ def main() -> None:
     y = sdxl_adm(base.patcher.model, pooled, sizes)
     noise, sigma = trainer.sample_noise(0, x0.shape[1:], x0.shape[0])
 
+    h, w = x0.shape[-2:]
+    targets = [(torch.tensor([2, 3]), (torch.rand(2, h, w, generator=torch.Generator().manual_seed(i)) > 0.5).float())
+               for i in range(x0.shape[0])]  # two supervised words per sample, as "a red circle"
+
     def fwd_bwd(model):
         started = time.perf_counter()
         x = x0.clone().requires_grad_(True)  # so the plain UNet also runs its backward pass
-        noise_prediction_loss(model, "eps", x, noise, sigma, context, y).backward()
+        if model is supervised:
+            supervision.begin(targets)
+        loss = noise_prediction_loss(model, "eps", x, noise, sigma, context, y)
+        if model is supervised:
+            loss = loss + supervision.take()
+        loss.backward()
         return time.perf_counter() - started
 
     # Interleaved rounds, medians: the machine's load changes less between neighbours.
-    cached, uncached, data, hooks, plain, gated = [], [], [], [], [], []
+    cached, uncached, data, hooks, plain, gated, output, masked = [], [], [], [], [], [], [], []
     for round_ in range(args.steps + 1):
         hook_seconds[0] = 0.0
         result = trainer.train_step()
         hook = hook_seconds[0]
-        rest = uncached_step(), fwd_bwd(base.patcher), fwd_bwd(patched)
+        rest = uncached_step(), fwd_bwd(base.patcher), fwd_bwd(patched), fwd_bwd(output_estimator), fwd_bwd(supervised)
         if round_ == 0:
             continue  # warm-up
         cached.append(result.seconds)
@@ -119,9 +136,11 @@ def main() -> None:
         uncached.append(rest[0])
         plain.append(rest[1])
         gated.append(rest[2])
+        output.append(rest[3])
+        masked.append(rest[4])
     MaskAttnPatch.__call__ = original_call
     step, step_uncached, data, hooks = median(cached), median(uncached), median(data), median(hooks)
-    plain, gated = median(plain), median(gated)
+    plain, gated, output, masked = median(plain), median(gated), median(output), median(masked)
 
     print(f"tiny SDXL-topology UNet, {config.resolution}x{config.resolution} px, batch {config.batch_size}, "
           f"{gate_set.parameter_count():,} gate parameters on {len(gate_set.layers)} layers, "
@@ -132,6 +151,10 @@ def main() -> None:
     print(f"gate hooks, forward:   {hooks * 1000:.1f} ms/step = {100 * hooks / step:.1f}% of step time")
     print(f"gated vs plain UNet forward+backward: {gated * 1000:.1f} vs {plain * 1000:.1f} ms "
           f"= gates {100 * (gated - plain) / gated:.1f}% of it")
+    print(f"--straight-through output: {output * 1000:.1f} ms forward+backward = {100 * (output / gated - 1):+.1f}% "
+          f"over the paper's estimator ({gated * 1000:.1f} ms)")
+    print(f"--mask-loss (2 words per sample): {masked * 1000:.1f} ms = {100 * (masked / gated - 1):+.1f}% over the "
+          "gated forward+backward without it")
 
 
 if __name__ == "__main__":
