@@ -60,3 +60,14 @@ def test_a_lora_before_or_after_the_regions_gives_the_same_output(tiny, lora_fol
     check.assert_close(1e-5)
     assert torch.equal(sample(with_lora(apply_regions(tiny, some_regions())), steps=2), out)
     assert not torch.allclose(out, sample(with_lora(tiny), steps=2), atol=1e-3)
+
+
+def test_another_packs_attn2_replace_stops_the_regions_with_the_layers_name(tiny):
+    from maskattn_comfy.compose import PatchConflictError
+    from test_stacks import own_attention
+
+    other = tiny.clone()
+    other.set_model_attn2_replace(own_attention, "output", 1, 0)
+    with pytest.raises(PatchConflictError, match=r"MaskAttn Region .* output\.1\.0"):
+        apply_regions(other, some_regions())
+    assert find_region_patch(other) is None
