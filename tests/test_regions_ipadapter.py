@@ -1,10 +1,12 @@
 """MaskAttn Region with cubiq's IPAdapter_plus (its own code, from the host snapshot; skips without it): the
 regions mask the prompt's text tokens only, IPAdapter's image-prompt attention is added unchanged."""
 
+import sys
+
 import pytest
 import torch
 
-from ipadapter_kit import load_pack
+from ipadapter_kit import PACK, load_pack
 from maskattn_comfy.compose import GatedReplace, is_image_prompt_replace
 from maskattn_comfy.patch import apply_maskattn
 from maskattn_comfy.regions import apply_regions, find_region_patch
@@ -18,7 +20,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def ipadapter_plus(tmp_path_factory):
-    return load_pack(tmp_path_factory.mktemp("custom_nodes"))
+    """IPAdapter_plus as test_ipadapter.py loads it; one copy per session: ipadapter_kit.load_pack expects to find
+    exactly one loaded IPAdapterPlus module, so a copy loaded here is taken out of sys.modules afterwards."""
+    loaded = [m for name, m in sys.modules.items() if name.endswith(f"{PACK}.IPAdapterPlus")]
+    if loaded:
+        yield loaded[0]
+        return
+    folder = tmp_path_factory.mktemp("custom_nodes")
+    yield load_pack(folder)
+    for name in [n for n in sys.modules if n.startswith(str(folder))]:
+        del sys.modules[name]
 
 
 @pytest.fixture(scope="module")
