@@ -120,7 +120,7 @@ def test_a_faithful_picture_scores_exact_and_its_objects_are_read():
     circle = next(f for f in found if f.shape == "circle")
     assert abs(circle.cx - 32) <= 2 and abs(circle.cy - 64) <= 2 and abs(circle.area - np.pi * 22 ** 2) < 120
     result = evaluate.score(scene.prompt, found)
-    assert result == {"present": True, "binding": True, "spatial": True, "no_extra": True, "exact": True,
+    assert result == {"present": True, "binding": True, "spatial": True, "no_extra": True, "extra": 0, "exact": True,
                       "parseable": True, "own_colour_errors": 0, "other_colour_errors": 0, "shape_errors": 0,
                       "missing": 0}
 
