@@ -12,7 +12,8 @@
    of the two carries the colour?
 3. **The region oracle.** Relation and pair prompts, each object's colour and shape tokens given
    -10000 on the attention logits outside the half of the picture the prompt gives that object
-   (left/right/above/below; "and": the first named object left), on every cross-attention layer:
+   (left/right/above/below; "and": the first named object left), on every cross-attention layer,
+   through MaskAttn Region's own code (`maskattn_comfy.regions.apply_regions`, the node's path):
    the share of objects whose colour is drawn in its own half, and the study's scores, with and
    without. A base whose objects follow their words moves; one that reads the caption from the
    pooled vector or from padding cannot.
@@ -48,21 +49,16 @@ class TokenLayout:
 
 
 def token_layout(clip, prompt) -> TokenLayout:
+    """Found with MaskAttn Region's own word lookup (a word may be several tokens: "cyan" is two)."""
+    from maskattn_comfy.regions import word_positions
+
     ids = [token for token, _ in clip.tokenize(prompt.text)["l"][0]]
-    word_id = {}
-    for word in {w for combo in prompt.objects for w in combo}:
-        word_ids = [token for token, _ in clip.tokenize(word)["l"][0] if token not in (BOS, EOS)]
-        if len(word_ids) != 1:
-            raise ValueError(f"{word!r} is {len(word_ids)} tokens; the diagnostics expect one")
-        word_id[word] = word_ids[0]
-    objects = []
-    for combo in prompt.objects:
-        objects.append(tuple(ids.index(word_id[w]) for w in combo))
+    objects = tuple(tuple(word_positions(clip, prompt.text, f"{color}, {shape}")[0]) for color, shape in prompt.objects)
     end = ids.index(EOS)
     object_positions = {p for positions in objects for p in positions}
     roles = [START if i == 0 else OBJECT if i in object_positions else OTHER if i < end else END if i == end
              else PADDING for i in range(len(ids))]
-    return TokenLayout(tuple(roles), tuple(objects))
+    return TokenLayout(tuple(roles), objects)
 
 
 # ---- 1. routing --------------------------------------------------------------------------
@@ -108,6 +104,14 @@ class AttentionProbe:
                          **{role: float(share[i]) for i, role in enumerate(ROLES)},
                          "max_weight": self.peak[key] / self.rows[key]})
         return rows
+
+
+def finest_layers(rows: list[dict]) -> dict:
+    """Over the finest attn2 layers (8x8 in the Shapes UNet): the mean share of attention on the
+    prompted objects' words, and the heads' mean maximum weight."""
+    fine = [r for r in rows if r["locations"] == max(x["locations"] for x in rows)]
+    return {"layers": len(fine), "object_words": float(np.mean([r["object words"] for r in fine])),
+            "max_weight": float(np.mean([r["max_weight"] for r in fine]))}
 
 
 def _layer_order(key):
@@ -187,39 +191,21 @@ def half_mask(half: str, height: int, width: int) -> torch.Tensor:
     return {"left": xs < width / 2, "right": xs > width / 2, "top": ys < height / 2, "bottom": ys > height / 2}[half]
 
 
-def oracle_allowed(layouts, prompts, tokens: int, height: int, width: int) -> torch.Tensor:
-    """[P, height*width, tokens] bool: may this location attend to this token? Every token
-    everywhere, except each object's colour and shape tokens only inside its half."""
-    allowed = torch.ones(len(prompts), height * width, tokens, dtype=torch.bool)
-    for row, (layout, prompt) in enumerate(zip(layouts, prompts)):
-        for positions, half in zip(layout.objects, halves(prompt)):
-            inside = half_mask(half, height, width).flatten()
-            for position in positions:
-                allowed[row, :, position] = inside
-    return allowed
+def oracle_regions(layout: TokenLayout, prompt, size: int) -> list:
+    """The oracle as MaskAttn Region regions: each object's colour and shape tokens confined, at
+    strength 1, to the half of the `size` x `size` picture the prompt gives it."""
+    from maskattn_comfy.regions import Region
+
+    return [Region(positions, half_mask(half, size, size).float(), 1.0)
+            for positions, half in zip(layout.objects, halves(prompt))]
 
 
-class RegionOracle:
-    """An attn2 replace on every layer: ComfyUI's own masked attention with -10000 on the logits of
-    the connections `oracle_allowed` closes, on the conditional rows only."""
-
-    def __init__(self, layouts, prompts, latent_hw):
-        self.layouts, self.prompts, self.latent_hw = layouts, prompts, latent_hw
-
-    def __call__(self, q, k, v, extra_options):
-        import comfy.ldm.modules.attention as comfy_attention
-
-        batch, locations, _ = q.shape
-        height, width = self.latent_hw
-        factor = round(math.sqrt(height * width / locations))
-        allowed = oracle_allowed(self.layouts, self.prompts, k.shape[1], height // factor, width // factor)
-        chunks = extra_options["cond_or_uncond"]
-        per_chunk = batch // len(chunks)
-        mask = torch.zeros(batch, 1, locations, k.shape[1], dtype=q.dtype)
-        for c, kind in enumerate(chunks):
-            if kind == 0:
-                mask[c * per_chunk:(c + 1) * per_chunk, 0] = torch.where(allowed, 0.0, -10000.0)
-        return comfy_attention.optimized_attention(q, k, v, extra_options["n_heads"], mask=mask)
+def _oracle_groups(layouts, prompts) -> list[list[int]]:
+    """Prompt indices grouped by (token positions, halves): one Region set, so one sampling batch, per group."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (layout, prompt) in enumerate(zip(layouts, prompts)):
+        groups.setdefault((layout.objects, halves(prompt)), []).append(i)
+    return list(groups.values())
 
 
 def in_own_half(prompt, found, size: int) -> list[bool]:
@@ -237,24 +223,32 @@ def in_own_half(prompt, found, size: int) -> list[bool]:
     return result
 
 
-def oracle(model, vae, clip, prompts, layouts, kinds, steps, cfg, batch) -> dict:
+def oracle(model, vae, clip, prompts, layouts, kinds, steps, cfg, batch, gated: dict | None = None) -> dict:
+    """The region oracle's scores: variants "base" and "oracle" (the base with the regions), and for
+    each `gated` name -> MODEL, that model alone and with the regions; p against the base (McNemar)."""
+    from maskattn_comfy.regions import apply_regions
     from maskattn_shapes.evaluate import read_image, score
     from maskattn_shapes.model import IMAGE_SIZE
     from maskattn_shapes.study import encode_prompts, mcnemar_p, sample, wilson
 
-    encoded = encode_prompts(clip, prompts)
-    latent = (IMAGE_SIZE // 8, IMAGE_SIZE // 8)
+    contexts, pooled = encode_prompts(clip, prompts)
+    variants = [("base", model, False), ("oracle", model, True)]
+    for name, patched in (gated or {}).items():
+        variants += [(name, patched, False), (f"{name} + oracle", patched, True)]
     outcome = {}
-    for variant in ("base", "oracle"):
-        rows = []
-        for start in range(0, len(prompts), batch):
-            n = min(batch, len(prompts) - start)
-            chunk = slice(start, start + n)
-            patched = model if variant == "base" else with_replace(model, RegionOracle(layouts[chunk], prompts[chunk], latent))
-            pictures = sample(patched, vae, _rows(encoded, start, n), list(range(start, start + n)), steps, cfg, n)
-            for prompt, picture in zip(prompts[chunk], pictures):
-                found = read_image(picture)
-                rows.append({**score(prompt, found), "in_half": in_own_half(prompt, found, IMAGE_SIZE)})
+    for variant, variant_model, confined in variants:
+        rows = [None] * len(prompts)
+        for group in _oracle_groups(layouts, prompts):
+            for start in range(0, len(group), batch):
+                chunk = group[start:start + batch]
+                index = torch.tensor(chunk)
+                encoded = (torch.cat([contexts[index], contexts[-1:]]), torch.cat([pooled[index], pooled[-1:]]))
+                patched = apply_regions(variant_model, oracle_regions(layouts[chunk[0]], prompts[chunk[0]], IMAGE_SIZE)) \
+                    if confined else variant_model
+                pictures = sample(patched, vae, encoded, chunk, steps, cfg, len(chunk))
+                for i, picture in zip(chunk, pictures):
+                    found = read_image(picture)
+                    rows[i] = {**score(prompts[i], found), "in_half": in_own_half(prompts[i], found, IMAGE_SIZE)}
         outcome[variant] = rows
     summary = {}
     for kind in sorted(set(kinds)) + ["all"]:
@@ -263,24 +257,24 @@ def oracle(model, vae, clip, prompts, layouts, kinds, steps, cfg, batch) -> dict
             mine = [rows[i] for i in pick]
             halves_hit = [h for r in mine for h in r["in_half"]]
             exact = [bool(r["exact"]) for r in mine]
-            summary[f"{variant} {kind}"] = {
-                "n": len(mine), "in_half": float(np.mean(halves_hit)), "in_half_ci": wilson(sum(halves_hit), len(halves_hit)),
-                "exact": float(np.mean(exact)), "exact_ci": wilson(sum(exact), len(exact)),
-                "binding": float(np.mean([bool(r["binding"]) for r in mine])),
-                "own_colour_errors": int(sum(r["own_colour_errors"] for r in mine)),
-                "errors": int(sum(r["own_colour_errors"] + r["other_colour_errors"] + r["shape_errors"] + r["missing"]
-                                  for r in mine))}
-        base_exact = [bool(outcome["base"][i]["exact"]) for i in pick]
-        oracle_exact = [bool(outcome["oracle"][i]["exact"]) for i in pick]
-        summary[f"oracle {kind}"]["p_exact"] = mcnemar_p(base_exact, oracle_exact)
-        summary[f"oracle {kind}"]["p_in_half"] = mcnemar_p(
-            [h for i in pick for h in outcome["base"][i]["in_half"]], [h for i in pick for h in outcome["oracle"][i]["in_half"]])
+            row = {"n": len(mine), "in_half": float(np.mean(halves_hit)), "in_half_ci": wilson(sum(halves_hit), len(halves_hit)),
+                   "exact": float(np.mean(exact)), "exact_ci": wilson(sum(exact), len(exact)),
+                   "binding": float(np.mean([bool(r["binding"]) for r in mine])),
+                   "own_colour_errors": int(sum(r["own_colour_errors"] for r in mine)),
+                   "errors": int(sum(r["own_colour_errors"] + r["other_colour_errors"] + r["shape_errors"] + r["missing"]
+                                     for r in mine))}
+            if variant != "base":
+                base = outcome["base"]
+                row["p_exact"] = mcnemar_p([bool(base[i]["exact"]) for i in pick], exact)
+                row["p_in_half"] = mcnemar_p([h for i in pick for h in base[i]["in_half"]], halves_hit)
+            summary[f"{variant} {kind}"] = row
     return summary
 
 
 # ---- the command -------------------------------------------------------------------------
 
-def diagnose(weights: Path, per_kind: int, steps: int, cfg: float, batch: int, seed: int) -> dict:
+def diagnose(weights: Path, per_kind: int, steps: int, cfg: float, batch: int, seed: int,
+             gate_files: tuple[Path, ...] = (), parts: tuple[str, ...] = ("routing", "swap", "oracle")) -> dict:
     from maskattn_shapes import model as shapes
     from maskattn_shapes.world import heldout_prompts
 
@@ -291,27 +285,56 @@ def diagnose(weights: Path, per_kind: int, steps: int, cfg: float, batch: int, s
     two_kinds = [kind for kind in ("relation", "pair") for _ in range(per_kind)]
     layouts = [token_layout(clip, q) for q in two]
     tick = time.time()
-    report["routing"] = routing(model, vae, clip, two, layouts, steps, cfg, batch)
-    singles = [q for kind in ("single_seen", "single") for q in heldout_prompts(per_kind // 2 or 1, seed, kind)]
-    report["swap"] = swap(model, vae, clip, singles, steps, cfg, batch)
-    report["oracle"] = oracle(model, vae, clip, two, layouts, two_kinds, steps, cfg, batch)
+    if "routing" in parts:
+        report["routing"] = routing(model, vae, clip, two, layouts, steps, cfg, batch)
+    if "swap" in parts:
+        singles = [q for kind in ("single_seen", "single") for q in heldout_prompts(per_kind // 2 or 1, seed, kind)]
+        report["swap"] = swap(model, vae, clip, singles, steps, cfg, batch)
+    if "oracle" in parts:
+        from maskattn_comfy.patch import PatchOptions, apply_maskattn
+        from maskattn_core.gate_file import load_gate_file
+
+        gated = {f"gates {path.stem}": apply_maskattn(model, load_gate_file(path), PatchOptions(strength=1.0))
+                 for path in gate_files}
+        report["oracle"] = oracle(model, vae, clip, two, layouts, two_kinds, steps, cfg, batch, gated)
     report["seconds"] = round(time.time() - tick, 1)
     return report
 
 
 def summary_lines(report: dict) -> list[str]:
+    lines = []
+    if "routing" in report:
+        lines += routing_lines(report)
+    if "swap" in report:
+        lines += swap_lines(report)
+    if "oracle" in report:
+        lines += oracle_lines(report)
+    return lines
+
+
+def routing_lines(report: dict) -> list[str]:
     lines = ["| layer | locations | " + " | ".join(ROLES) + " | max weight |",
              "|---|---|" + "---|" * (len(ROLES) + 1)]
     for row in report["routing"]:
         lines.append(f"| {row['layer']} | {row['locations']} | "
                      + " | ".join(f"{100 * row[r]:.1f} %" for r in ROLES) + f" | {row['max_weight']:.2f} |")
-    fine = [r for r in report["routing"] if r["locations"] == max(x["locations"] for x in report["routing"])]
-    lines.append(f"\nobject words on the finest layers ({len(fine)}): {100 * np.mean([r['object words'] for r in fine]):.1f} %; "
-                 f"mean max weight there {np.mean([r['max_weight'] for r in fine]):.2f}, "
+    fine = finest_layers(report["routing"])
+    lines.append(f"\nobject words on the finest layers ({fine['layers']}): {100 * fine['object_words']:.1f} %; "
+                 f"mean max weight there {fine['max_weight']:.2f}, "
                  f"over all layers {np.mean([r['max_weight'] for r in report['routing']]):.2f}")
+    return lines
+
+
+def swap_lines(report: dict) -> list[str]:
+    lines = []
     lines.append("\n| single objects | colour | exact | n |\n|---|---|---|---|")
     for name, row in report["swap"].items():
         lines.append(f"| {name} | {100 * row['colour']:.1f} % | {100 * row['exact']:.1f} % | {row['n']} |")
+    return lines
+
+
+def oracle_lines(report: dict) -> list[str]:
+    lines = []
     lines.append("\n| region oracle | n | objects in own half [95% CI] | exact [95% CI] | binding | own-colour / all errors | p exact | p half |")
     lines.append("|---|---|---|---|---|---|---|---|")
     for name, row in report["oracle"].items():
@@ -335,12 +358,16 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the whole report here")
+    p.add_argument("--gates", nargs="*", type=Path, default=[],
+                   help="gate files: the oracle also runs each alone and with the regions (the region study)")
+    p.add_argument("--parts", nargs="+", choices=("routing", "swap", "oracle"), default=["routing", "swap", "oracle"])
     args = p.parse_args(argv)
     for name in ("per_kind", "steps", "batch"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if not args.weights.is_file():
-        p.error(f"--weights {args.weights}: no such file")
+    for path in [args.weights, *args.gates]:
+        if not path.is_file():
+            p.error(f"{path}: no such file")
     if not math.isfinite(args.cfg) or args.threads < 0:
         p.error("--cfg must be finite and --threads >= 0")
 
@@ -349,7 +376,8 @@ def main(argv=None):
     host.boot(cpu=True)
     if args.threads:
         torch.set_num_threads(args.threads)
-    report = diagnose(args.weights, args.per_kind, args.steps, args.cfg, args.batch, args.seed)
+    report = diagnose(args.weights, args.per_kind, args.steps, args.cfg, args.batch, args.seed, tuple(args.gates),
+                      tuple(args.parts))
     print("\n".join(summary_lines(report)))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

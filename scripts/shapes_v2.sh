@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The Shapes world v2, end to end on the CPU, as it was run for EVIDENCE.md (2 cores; each step resumable
+# or short). Steps: 1 fine-tune v1's UNet with the v2 text encoder (pooled vector 0, tokens that keep
+# their word); 2 the diagnostics on it; 3 gates and the control on it; 4 the study.
+#   bash scripts/shapes_v2.sh base|diagnose|gates|study
+set -euo pipefail
+cd "$(dirname "$0")/.."
+py=.venv/bin/python
+out=output
+case "${1:-}" in
+  base)  # v1 (git show 2611916:maskattn_shapes/weights/shapes_base.safetensors) fine-tuned; --resume continues a stop
+    git show 2611916:maskattn_shapes/weights/shapes_base.safetensors > "$out/shapes_base_v1.safetensors"
+    $py -m maskattn_shapes.train_base --out "$out/shapes_v2" --init "$out/shapes_base_v1.safetensors" \
+      --scenes 8000 --steps 4000 --batch 32 --lr 2e-4 --warmup 50 --ema 0.998 --save-every 100 --minutes 50 ${RESUME:+--resume}
+    ;;
+  diagnose)
+    $py -m maskattn_shapes.diagnose --per-kind 40 --json "$out/diagnose_v2.json"
+    $py -m maskattn_shapes.diagnose --weights "$out/shapes_base_v1.safetensors" --per-kind 40 --json "$out/diagnose_v1.json"
+    ;;
+  gates)
+    [ -d "$out/world_v2" ] || $py -m maskattn_shapes.world "$out/world_v2" --n 1200 --seed 0
+    common=(--checkpoint maskattn-shapes --data "$out/world_v2" --resolution 128 --batch-size 8 --grad-accum 1
+            --lr 3e-4 --warmup-steps 30 --steps "${STEPS:-300}" --cpu --no-install)
+    $py trainer/train.py "${common[@]}" --stage mid --output "$out/v2_hard_mid" --name shapes_gates
+    $py trainer/train.py "${common[@]}" --stage high --output "$out/v2_hard_high" --name shapes_gates_high
+    $py trainer/train.py "${common[@]}" --stage high --gate soft --output "$out/v2_soft_high" --name shapes_gates_soft
+    $py trainer/train.py "${common[@]}" --stage high --straight-through output --mask-loss 1.0 \
+      --output "$out/v2_output_mask" --name shapes_gates_output_mask
+    $py -m maskattn_shapes.control "${common[@]}" --stage high --output "$out/v2_control" --name shapes_control
+    ;;
+  study)
+    $py -m maskattn_shapes.study --per-kind "${PER_KIND:-40}" --out "$out/study_v2" --gates "$out"/v2_*/shapes_gates*.safetensors --control "$out/v2_control/shapes_control.safetensors"
+    ;;
+  *) echo "usage: bash scripts/shapes_v2.sh base|diagnose|gates|study" >&2; exit 2 ;;
+esac
