@@ -179,7 +179,7 @@ def main(argv=None):
     empty_id = contexts.shape[0] - 1
     print(f"[shapes] {len(scenes)} pictures, {empty_id} distinct captions, {time.time() - started:.0f} s", flush=True)
 
-    step, log = 0, []
+    step, log, trained_before = 0, [], 0.0
     generator = torch.Generator(device=device).manual_seed(args.seed)
     checkpoint = out / "checkpoint.pt"
     if args.resume and checkpoint.is_file():
@@ -189,17 +189,19 @@ def main(argv=None):
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"].cpu() if device.type == "cpu" else state["generator"])
         step = int(state["step"])
-        print(f"[shapes] resumed at step {step}", flush=True)
+        trained_before = float(state.get("seconds", 0.0))  # so a --minutes schedule continues, not restarts
+        print(f"[shapes] resumed at step {step} after {trained_before / 60:.1f} min of training", flush=True)
 
     stop = {"asked": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(asked=True))
 
     def checkpoint_now():
         save_checkpoint(checkpoint, {"unet": unet.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                                     "generator": generator.get_state(), "step": step})
+                                     "generator": generator.get_state(), "step": step,
+                                     "seconds": time.time() - training_started})
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    loss_avg, tick, training_started = None, time.time(), time.time()
+    loss_avg, tick, training_started = None, time.time(), time.time() - trained_before
 
     def progress() -> float:
         by_time = (time.time() - training_started) / (args.minutes * 60) if args.minutes else 0.0
