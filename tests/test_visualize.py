@@ -328,6 +328,59 @@ def test_a_word_of_several_tokens_masks_the_mean_of_its_tokens(unet, clip):
     assert result.mask[:, :, 112:] == pytest.approx(torch.full_like(result.mask[:, :, 112:], 2 / 3), abs=0.01)
 
 
+class HalvesGate(GateHead):
+    """A gate of constructed probabilities: token t has probability left[t] on the latent's left half and
+    right[t] on its right half; every other token `other`."""
+
+    def __init__(self, feature_dim: int, left: dict, right: dict, other: float):
+        super().__init__(feature_dim)
+        self.left, self.right, self.other = left, right, other
+
+    def logits(self, x, context, token_features=None):
+        def logit(p):
+            return math.log(p / (1 - p))
+
+        half = left_half(x.shape[1])[:, None]  # [N, 1]
+        logits = torch.full((x.shape[1], context.shape[1]), logit(self.other))
+        for token in self.left:
+            logits[:, token] = (half * logit(self.left[token]) + (1 - half) * logit(self.right[token]))[:, 0]
+        return logits.expand(x.shape[0], -1, -1)
+
+
+def halves_model(unet, left: dict, right: dict, other: float):
+    channels = require_sdxl(unet)
+    layers = GateSet.create(MaskAttnConfig(stage="all", share_heads_by_stage=False), channels).layers
+    heads = {layer_name(key).replace(".", "_"): HalvesGate(channels[key], left, right, other) for key in layers}
+    gates = GateSet(MaskAttnConfig(stage="all"), heads, {layer_name(key): layer_name(key).replace(".", "_") for key in layers})
+    return apply_maskattn(unet, gates)
+
+
+@pytest.mark.parametrize("words, left, right", [
+    ("cat, 猫", 0.7, 0.5),  # each word's tokens averaged (猫: (0.9 + 0.3 + 0.3) / 3), the words' maximum per pixel
+    ("猫 , Cat", 0.7, 0.5),  # the order of the words and their spelling do not matter
+    ("cat", 0.7, 0.2),
+    ("photo, 猫", 0.5, 0.5),
+    ("", (6 * 0.1 + 0.7 + 1.5) / 10, (6 * 0.1 + 0.2 + 1.5) / 10),  # no words: the 10 drawn tokens averaged
+])
+def test_the_mask_of_several_words_is_the_maximum_of_each_words_mean(unet, clip, words, left, right):
+    text = "a photo of a cat and a 猫"
+    labels = [label for label in token_labels(clip, clip.tokenize(text)) if not label.special]
+    cat = next(label.position for label in labels if label.text == "cat")
+    cat_tokens = [label.position for label in labels if label.word == "猫"]
+    assert len(labels) == 10 and len(cat_tokens) == 3
+    model = halves_model(unet, {cat: 0.7, **dict(zip(cat_tokens, (0.9, 0.3, 0.3)))},
+                         {cat: 0.2, **dict(zip(cat_tokens, (0.9, 0.3, 0.3)))}, other=0.1)
+    result = visualize_mask(model, clip, text, {"samples": torch.zeros(1, 4, LATENT_H, LATENT_W)},
+                            VisualizeOptions(noise_levels=1, grouping="layer", words=words))
+
+    assert result.mask.shape == (1, LATENT_H * 8, LATENT_W * 8)
+    # 96 pixels a side; the bilinear resize blends only the 8 columns either side of the middle.
+    # float32 sigmoids of float32 logits, averaged and resized: a few float32 roundings of values below 1, each
+    # at most 6e-8, so 1e-5 holds on any CPU (measured 1.2e-7); a wrong combination is off by 0.01 or more.
+    assert result.mask[:, :, :88] == pytest.approx(torch.full((1, 80, 88), left), abs=1e-5)
+    assert result.mask[:, :, 104:] == pytest.approx(torch.full((1, 80, 88), right), abs=1e-5)
+
+
 def test_labels_a_font_cannot_draw_use_another_font_or_code_points():
     from maskattn_comfy.render import _FONT, _missing, drawable
 
@@ -422,6 +475,40 @@ def test_the_grid_layout_stays_within_its_bounds_and_draws_what_fits(rows, colum
     assert all(0 <= l < r <= width and 0 <= t < b <= height for l, t, r, b in boxes)
     assert len(set(boxes)) == len(boxes)  # no two cells overlap at their corner
     assert layout.cell[0] / layout.cell[1] == pytest.approx(128 / 96, abs=0.05)
+
+
+def test_every_band_of_a_wrapped_grid_labels_each_row_beside_that_rows_own_maps():
+    from PIL import Image, ImageDraw
+
+    from maskattn_comfy.render import _FONT, _PAD, colourise
+
+    labels, levels = ["input 4", "middle 0", "output 8"], [0.0, 0.5, 1.0]  # each row's map: one colour of its own
+    rows = [(label, torch.full((70, LATENT_H, LATENT_W), level)) for label, level in zip(labels, levels)]
+    columns = [TokenLabel(p, f"w{p}", 1.0, f"w{p}", False) for p in range(1, 71)]
+    picture, boxes, layout = render_grid(rows, columns, ColourScale(0.0, 1.0, False), "t", latent_size=(LATENT_H, LATENT_W))
+    assert layout.bands == 3 and layout.shown == 70
+    colours = [tuple((colourise(torch.tensor(level), False) * 255).round().int().tolist()) for level in levels]
+    height, width = layout.cell
+
+    firsts = [columns[band * layout.per_band].position for band in range(layout.bands)]
+    assert len({boxes[(labels[0], first)][0] for first in firsts}) == 1  # every band starts at the same x
+    x = boxes[(labels[0], firsts[0])][0] + width // 2  # the middle of each band's first column
+    runs, y = [], 0
+    while y < picture.height:  # the cells down that column of pixels, found by their colour, not by cell_box
+        if picture.getpixel((x, y)) in colours:
+            top = y
+            while y < picture.height and picture.getpixel((x, y)) == picture.getpixel((x, top)):
+                y += 1
+            runs.append((top, y, colours.index(picture.getpixel((x, top)))))
+        y += 1
+    assert [row for _, _, row in runs] == [0, 1, 2] * 3  # each band holds every row once, in the UNet's order
+    assert all(bottom - top == height for top, bottom, _ in runs)
+    for index, (top, bottom, row) in enumerate(runs):
+        alone = Image.new("RGB", picture.size, (255, 255, 255))
+        ImageDraw.Draw(alone).text((_PAD, top + (height - layout.line) // 2), labels[row], fill=(0, 0, 0), font=_FONT)
+        box = (0, top, layout.label_width, bottom)
+        assert alone.crop(box).getextrema() != ((255, 255),) * 3
+        assert picture.crop(box).tobytes() == alone.crop(box).tobytes(), (index // 3, labels[row])  # band, row
 
 
 def test_the_same_seed_gives_the_same_bytes_and_another_seed_other_ones(pack, unet, clip, monkeypatch):
