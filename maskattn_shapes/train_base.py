@@ -8,8 +8,9 @@
 Ordinary v-prediction diffusion training on SDXL's discrete schedule, 10 % of captions dropped
 for classifier-free guidance, an EMA of the weights; the EMA is what is written, 8-bit, to
 --weights (default: shapes_base.safetensors in --out; the pack's own base is only replaced when
---weights names it). The text encoder is the v2 recipe (maskattn_shapes.model.TEXT_ENCODERS):
-tokens that keep their own word and a pooled vector that is 0 for every prompt.
+--weights names it). The text encoder is the "local" recipe unless --text-encoder says otherwise
+(maskattn_shapes.model.TEXT_ENCODERS): tokens that keep their own word and the one before, padding that
+is the same for every prompt, and a pooled vector that is 0.
 Latents and text encodings are computed once per run (each distinct caption once).
 """
 
@@ -36,6 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--weights", default=None,
                    help="where the trained EMA UNet is written (default: --out/shapes_base.safetensors; "
                         "name maskattn_shapes/weights/shapes_base.safetensors to replace the pack's base)")
+    p.add_argument("--text-encoder", default=None, choices=("v1", "v2", "local"),
+                   help="the frozen text encoder's recipe (maskattn_shapes.model.TEXT_ENCODERS; default: the current one)")
     p.add_argument("--init", default=None, help="start from this base file's UNet (a fine-tune) instead of random weights")
     p.add_argument("--scenes", type=_positive(int), default=12000, help="training pictures drawn from the world")
     p.add_argument("--world-seed", type=_non_negative(int), default=0)
@@ -162,6 +165,7 @@ def main(argv=None):
     weights = Path(args.weights) if args.weights else out / "shapes_base.safetensors"
     started = time.time()
 
+    encoder = args.text_encoder or shapes.TEXT_ENCODER
     init_state = shapes.read_base(Path(args.init))[0] if args.init else None
     patcher = shapes.shapes_unet(init_state, seed=args.seed)
     model = patcher.model
@@ -175,7 +179,7 @@ def main(argv=None):
     print(f"[shapes] drawing {args.scenes} scenes and encoding them", flush=True)
     with ProcessPoolExecutor(max(1, min(16, (os.cpu_count() or 2) - 1))) as pool:
         scenes = draw_scenes(args.scenes, args.world_seed, pool)
-        latents, caption_ids, contexts, pooled = encode_world(scenes, shapes.shapes_clip(), shapes.ShapesCodec(), device, pool)
+        latents, caption_ids, contexts, pooled = encode_world(scenes, shapes.shapes_clip(encoder=encoder), shapes.ShapesCodec(), device, pool)
     empty_id = contexts.shape[0] - 1
     print(f"[shapes] {len(scenes)} pictures, {empty_id} distinct captions, {time.time() - started:.0f} s", flush=True)
 
@@ -256,7 +260,7 @@ def main(argv=None):
     provenance = {"steps": step, "init": Path(args.init).name if args.init else None, "batch": args.batch, "lr": args.lr, "ema": args.ema, "scenes": args.scenes,
                   "world_seed": args.world_seed, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                   "minutes": round((time.time() - started) / 60, 1), "final_loss": loss_avg}
-    shapes.save_base(weights, {k: v.float().cpu() for k, v in ema.state_dict().items()}, provenance)
+    shapes.save_base(weights, {k: v.float().cpu() for k, v in ema.state_dict().items()}, provenance, encoder=encoder)
     print(f"[shapes] wrote {weights} ({weights.stat().st_size / 2**20:.1f} MiB): {json.dumps(provenance)}", flush=True)
 
 

@@ -8,13 +8,19 @@ cd "$(dirname "$0")/.."
 py=.venv/bin/python
 out=output
 case "${1:-}" in
-  base)  # v1 (git show 2611916:maskattn_shapes/weights/shapes_base.safetensors) fine-tuned; --resume continues a stop
+  base)  # two fine-tunes of v1 (git show 2611916:maskattn_shapes/weights/shapes_base.safetensors), each resumable
+    # (RESUME=1 continues a stop): 1906 steps with the v2 text encoder (pooled 0; it read the caption from
+    # the padding), then with the local one (padding the same for every prompt: only the words carry it)
     git show 2611916:maskattn_shapes/weights/shapes_base.safetensors > "$out/shapes_base_v1.safetensors"
-    $py -m maskattn_shapes.train_base --out "$out/shapes_v2" --init "$out/shapes_base_v1.safetensors" \
-      --scenes 8000 --steps 4000 --batch 32 --lr 2e-4 --warmup 50 --ema 0.998 --save-every 100 --minutes 50 ${RESUME:+--resume}
+    [ -f "$out/shapes_v2/shapes_base.safetensors" ] || $py -m maskattn_shapes.train_base --text-encoder v2 \
+      --out "$out/shapes_v2" --init "$out/shapes_base_v1.safetensors" \
+      --scenes 8000 --steps 1906 --batch 32 --lr 2e-4 --warmup 50 --ema 0.998 --save-every 100 ${RESUME:+--resume}
+    $py -m maskattn_shapes.train_base --out "$out/shapes_local" --init "$out/shapes_v2/shapes_base.safetensors" \
+      --scenes 8000 --steps 4000 --batch 32 --lr 3e-4 --warmup 50 --ema 0.998 --save-every 100 --minutes "${MINUTES:-35}" ${RESUME:+--resume}
     ;;
   diagnose)
-    $py -m maskattn_shapes.diagnose --per-kind 40 --json "$out/diagnose_v2.json"
+    $py -m maskattn_shapes.diagnose --weights "$out/shapes_local/shapes_base.safetensors" --per-kind 40 --json "$out/diagnose_local.json"
+    $py -m maskattn_shapes.diagnose --weights "$out/shapes_v2/shapes_base.safetensors" --per-kind 40 --json "$out/diagnose_v2.json"
     $py -m maskattn_shapes.diagnose --weights "$out/shapes_base_v1.safetensors" --per-kind 40 --json "$out/diagnose_v1.json"
     ;;
   gates)
