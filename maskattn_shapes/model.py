@@ -77,41 +77,28 @@ def shapes_vae():
 # How the frozen random text encoder's weights are drawn. v1 (the first base): unit-gain attention
 # and MLPs, so every token's output carries much of its context, and a random pooled projection;
 # that base learned to read the caption from the pooled vector, out of any word mask's reach
-# (EVIDENCE.md). v2: each token's output keeps its own word (attention and MLP outputs scaled by
-# `mixing`, a strong residual) and a zero text projection, so the pooled vector is 0; its base read
-# the caption from the padding tokens instead, which a causal encoder fills with a summary of the
-# whole caption. local: as v2, and every attention head looks at its own token and the one before
-# (`local`, below), so a noun carries its adjective ("square" in "a blue square" knows "blue"), and
-# the padding beyond the caption's last few tokens is the same for every prompt: the caption can only
-# reach the picture through its words' tokens, which is what a word-level mask acts on.
+# (EVIDENCE.md). v2: a strong residual (attention and MLP outputs at gain `mixing`) and a zero text
+# projection, so the pooled vector is 0; its base read the caption from the padding tokens instead,
+# which a causal encoder fills with a summary of the whole caption. words (base v2): no attention at
+# all (its output projection is 0), so each token's output is a function of its own word and
+# position only: the padding, the start and end tokens are the same for every prompt, the pooled
+# vector is 0, and the caption reaches the picture through its words' tokens alone, which is what a
+# word-level mask acts on. Which colour belongs to which shape the UNet must then work out from the
+# words' positions, as SDXL's cross-attention must: the binding errors MaskAttn is for.
 TEXT_ENCODERS = {
     "v1": {"mixing": 1.0, "pooled": True},
     "v2": {"mixing": 0.25, "pooled": False},
-    "local": {"mixing": 1.0, "pooled": False, "local": True},
+    "words": {"mixing": 0.5, "pooled": False, "attention": 0.0},
 }
-TEXT_ENCODER = "local"  # what new bases are trained with; a base file names its own (metadata "text_encoder")
-
-# Locality (the "local" recipe): 18 residual dimensions carry only the position, as phases at nine
-# frequencies (POSITION_PHASES: pi/2 down by 1.6x each; no token, attention or MLP output writes
-# them), and every head's first 18 query and key dimensions read them, the query turned back by half
-# a step, so a head's positional logit is LOCAL_LOGIT * sum_k cos(phase_k * (i - j - 1/2)): highest
-# and equal on the token itself and the one before (8.5 units), 2.8 units lower two back and at
-# least 4.6 lower further back (LOCAL_LOGIT 1.5: 4.2 and 6.9 nats). Content logits are halved, so
-# each head's weight on tokens two or more back is about 1 %: three positions past the caption's
-# end the padding is the same for every prompt. (One low frequency with a large gain would need
-# logits of thousands, which LayerNorm's per-token scale turns into noise of tens.)
-POSITION_PHASES = (np.pi / 2) / 1.6 ** np.arange(9)
-POSITION_DIMS = 2 * len(POSITION_PHASES)
-LOCAL_LOGIT = 1.5
-CONTENT_QK_GAIN = 0.5
+TEXT_ENCODER = "words"  # what new bases are trained with; a base file names its own (metadata "text_encoder")
 
 
 def _fill_text_encoder_(module: torch.nn.Module, seed: int, mixing: float = 1.0, pooled: bool = True,
-                        local: bool = False) -> None:
+                        attention: float | None = None) -> None:
     """Seeded weights for a frozen random CLIP: token identity dominates the residual stream; the
     attention and MLP output projections at gain `mixing` (1: every token carries a real share of
-    its context); `pooled` False zeroes the text projection, so the pooled vector is 0; `local`:
-    every head attends to its token and the one before (see LOCAL_LOGIT)."""
+    its context), the attention's at gain `attention` where given (0: no token sees another);
+    `pooled` False zeroes the text projection, so the pooled vector is 0."""
     with torch.no_grad():
         for name, p in module.named_parameters():
             rng = np.random.Generator(np.random.PCG64([seed, zlib.crc32(name.encode())]))
@@ -127,47 +114,11 @@ def _fill_text_encoder_(module: torch.nn.Module, seed: int, mixing: float = 1.0,
                 value = np.zeros(p.shape, np.float32)
             else:
                 value = rng.standard_normal(p.shape, dtype=np.float32) / np.sqrt(p.shape[-1])
-                if name.endswith(("out_proj.weight", "fc2.weight")):
+                if name.endswith("out_proj.weight") and attention is not None:
+                    value = value * np.float32(attention)
+                elif name.endswith(("out_proj.weight", "fc2.weight")):
                     value = value * np.float32(mixing)
-            if local:
-                value = _localised(name, value, module)
             p.copy_(torch.from_numpy(value).reshape(p.shape))
-
-
-def _localised(name: str, value: np.ndarray, module: torch.nn.Module) -> np.ndarray:
-    """One parameter of the local recipe: the position phases in residual dims 0-17, nothing else there."""
-    value = value.copy()
-    d = POSITION_DIMS
-    if "token_embedding" in name:
-        value[:, :d] = 0
-    elif "position_embedding" in name:
-        phase = np.outer(np.arange(value.shape[0], dtype=np.float64), POSITION_PHASES)
-        value[:, 0:d:2], value[:, 1:d:2] = np.cos(phase), np.sin(phase)
-    elif name.endswith(("out_proj.weight", "fc2.weight")):
-        value[:d, :] = 0  # nothing writes over the position
-    elif name.endswith(("q_proj.weight", "k_proj.weight")):
-        heads = _heads_of(name, module)
-        head_dim = value.shape[0] // heads
-        # LayerNorm divides the unit phases by the stream's sd (about 1.1 in the first two layers)
-        gain = np.sqrt(LOCAL_LOGIT * np.sqrt(head_dim) * 1.1 ** 2)
-        value *= CONTENT_QK_GAIN
-        value[:, :d] = 0  # content queries and keys ignore the position
-        for h in range(heads):
-            rows = h * head_dim
-            value[rows:rows + d, :] = 0
-            for k, phase in enumerate(POSITION_PHASES):
-                turn = -phase / 2 if name.endswith("q_proj.weight") else 0.0
-                block = gain * np.array([[np.cos(turn), -np.sin(turn)], [np.sin(turn), np.cos(turn)]])
-                value[rows + 2 * k:rows + 2 * k + 2, 2 * k:2 * k + 2] = block
-    return value.astype(np.float32)
-
-
-def _heads_of(name: str, module: torch.nn.Module) -> int:
-    owner = module.get_submodule(name.rsplit(".", 2)[0])  # ...self_attn
-    heads = getattr(owner, "heads", None) or getattr(owner, "num_heads", None)
-    if heads is None:
-        raise RuntimeError(f"cannot tell the number of attention heads of {name}")
-    return int(heads)
 
 
 def text_encoder_of(meta: dict) -> str:

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from maskattn_shapes.grounding import AttentionRecorder, GroundingTargets, grounding_loss
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
@@ -37,7 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--weights", default=None,
                    help="where the trained EMA UNet is written (default: --out/shapes_base.safetensors; "
                         "name maskattn_shapes/weights/shapes_base.safetensors to replace the pack's base)")
-    p.add_argument("--text-encoder", default=None, choices=("v1", "v2", "local"),
+    p.add_argument("--text-encoder", default=None, choices=("v1", "v2", "words"),
                    help="the frozen text encoder's recipe (maskattn_shapes.model.TEXT_ENCODERS; default: the current one)")
     p.add_argument("--init", default=None, help="start from this base file's UNet (a fine-tune) instead of random weights")
     p.add_argument("--scenes", type=_positive(int), default=12000, help="training pictures drawn from the world")
@@ -47,6 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=_positive(float), default=5e-4)
     p.add_argument("--warmup", type=_non_negative(int), default=200)
     p.add_argument("--ema", type=_fraction, default=0.999)
+    p.add_argument("--grounding", type=_non_negative(float), default=0.0,
+                   help="weight of the word-grounding loss (maskattn_shapes.grounding): each object's colour and shape "
+                        "tokens attend at its cells; base v2 was trained with 0.5 (0: the noise loss alone)")
     p.add_argument("--uncond", type=_fraction, default=0.1, help="share of captions dropped for classifier-free guidance")
     p.add_argument("--seed", type=_non_negative(int), default=0)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -179,7 +184,9 @@ def main(argv=None):
     print(f"[shapes] drawing {args.scenes} scenes and encoding them", flush=True)
     with ProcessPoolExecutor(max(1, min(16, (os.cpu_count() or 2) - 1))) as pool:
         scenes = draw_scenes(args.scenes, args.world_seed, pool)
-        latents, caption_ids, contexts, pooled = encode_world(scenes, shapes.shapes_clip(encoder=encoder), shapes.ShapesCodec(), device, pool)
+        clip = shapes.shapes_clip(encoder=encoder)
+        latents, caption_ids, contexts, pooled = encode_world(scenes, clip, shapes.ShapesCodec(), device, pool)
+    targets = GroundingTargets(scenes, clip).to(device) if args.grounding else None
     empty_id = contexts.shape[0] - 1
     print(f"[shapes] {len(scenes)} pictures, {empty_id} distinct captions, {time.time() - started:.0f} s", flush=True)
 
@@ -205,7 +212,7 @@ def main(argv=None):
                                      "seconds": time.time() - training_started})
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    loss_avg, tick, training_started = None, time.time(), time.time() - trained_before
+    loss_avg, grounding_avg, tick, training_started = None, None, time.time(), time.time() - trained_before
 
     def progress() -> float:
         by_time = (time.time() - training_started) / (args.minutes * 60) if args.minutes else 0.0
@@ -227,9 +234,20 @@ def main(argv=None):
             v = a.sqrt() * noise - (1 - a).sqrt() * x0
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, progress(), args)
+            recorder = AttentionRecorder(targets.coverage) if targets is not None else None
             with autocast:
-                prediction = unet(x_t, timesteps=t.float(), context=context, y=y)
-            loss = torch.nn.functional.mse_loss(prediction.float(), v)
+                prediction = unet(x_t, timesteps=t.float(), context=context, y=y,
+                                  transformer_options=recorder.transformer_options(unet) if recorder else {})
+            noise_loss = torch.nn.functional.mse_loss(prediction.float(), v)
+            loss = noise_loss
+            if recorder is not None:
+                parts = [grounding_loss(w.float(), targets.tokens[idx], targets.coverage[w.shape[1]][idx], ~drop)
+                         for w in recorder.weights]
+                pixel = torch.stack([p for p, _ in parts]).mean()
+                token = torch.stack([t for _, t in parts]).mean()
+                grounding_avg = [pixel.item(), token.item()] if grounding_avg is None else \
+                    [0.98 * grounding_avg[0] + 0.02 * pixel.item(), 0.98 * grounding_avg[1] + 0.02 * token.item()]
+                loss = loss + args.grounding * (pixel + token)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -238,12 +256,14 @@ def main(argv=None):
                 for e, p in zip(ema.parameters(), unet.parameters()):
                     e.lerp_(p, 1 - args.ema)
             step += 1
-            loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
+            loss_avg = noise_loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * noise_loss.item()
             if step % 50 == 0:
                 rate = 50 / (time.time() - tick)
                 tick = time.time()
-                log.append({"step": step, "loss": loss_avg, "lr": optimizer.param_groups[0]["lr"], "steps_per_s": rate})
-                print(f"[shapes] step {step} ({progress():.0%}) loss {loss_avg:.4f} {rate:.2f} steps/s", flush=True)
+                log.append({"step": step, "loss": loss_avg, "lr": optimizer.param_groups[0]["lr"], "steps_per_s": rate,
+                            **({"pixel": grounding_avg[0], "token": grounding_avg[1]} if grounding_avg else {})})
+                grounded = f" grounding pixel {grounding_avg[0]:.3f} token {grounding_avg[1]:.3f}" if grounding_avg else ""
+                print(f"[shapes] step {step} ({progress():.0%}) loss {loss_avg:.4f}{grounded} {rate:.2f} steps/s", flush=True)
             if step % args.save_every == 0 or stop["asked"]:
                 checkpoint_now()
             if stop["asked"]:
@@ -257,7 +277,7 @@ def main(argv=None):
     with (out / "train_log.jsonl").open("a") as handle:
         for row in log:
             handle.write(json.dumps(row) + "\n")
-    provenance = {"steps": step, "init": Path(args.init).name if args.init else None, "batch": args.batch, "lr": args.lr, "ema": args.ema, "scenes": args.scenes,
+    provenance = {"steps": step, "grounding": args.grounding, "init": Path(args.init).name if args.init else None, "batch": args.batch, "lr": args.lr, "ema": args.ema, "scenes": args.scenes,
                   "world_seed": args.world_seed, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                   "minutes": round((time.time() - started) / 60, 1), "final_loss": loss_avg}
     shapes.save_base(weights, {k: v.float().cpu() for k, v in ema.state_dict().items()}, provenance, encoder=encoder)

@@ -1,25 +1,22 @@
 #!/usr/bin/env bash
 # The Shapes world v2, end to end on the CPU, as it was run for EVIDENCE.md (2 cores; each step resumable
-# or short). Steps: 1 fine-tune v1's UNet with the v2 text encoder (pooled vector 0, tokens that keep
-# their word); 2 the diagnostics on it; 3 gates and the control on it; 4 the study.
+# or short). Steps: 1 fine-tune v1's UNet with the "words" text encoder and the word-grounding loss; 2 the diagnostics on it; 3 gates and the control on it; 4 the study.
 #   bash scripts/shapes_v2.sh base|diagnose|gates|study
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=.venv/bin/python
 out=output
+mkdir -p "$out"
 case "${1:-}" in
-  base)  # two fine-tunes of v1 (git show 2611916:maskattn_shapes/weights/shapes_base.safetensors), each resumable
-    # (RESUME=1 continues a stop): 1906 steps with the v2 text encoder (pooled 0; it read the caption from
-    # the padding), then with the local one (padding the same for every prompt: only the words carry it)
+  base)  # v1's UNet (git show 2611916:maskattn_shapes/weights/shapes_base.safetensors) fine-tuned with the "words"
+    # text encoder (no attention: padding, start and end the same for every prompt; pooled vector 0) and the
+    # word-grounding loss (maskattn_shapes/grounding.py); RESUME=1 continues a stop, MINUTES caps the time
     git show 2611916:maskattn_shapes/weights/shapes_base.safetensors > "$out/shapes_base_v1.safetensors"
-    [ -f "$out/shapes_v2/shapes_base.safetensors" ] || $py -m maskattn_shapes.train_base --text-encoder v2 \
-      --out "$out/shapes_v2" --init "$out/shapes_base_v1.safetensors" \
-      --scenes 8000 --steps 1906 --batch 32 --lr 2e-4 --warmup 50 --ema 0.998 --save-every 100 ${RESUME:+--resume}
-    $py -m maskattn_shapes.train_base --out "$out/shapes_local" --init "$out/shapes_v2/shapes_base.safetensors" \
-      --scenes 8000 --steps 4000 --batch 32 --lr 3e-4 --warmup 50 --ema 0.998 --save-every 100 --minutes "${MINUTES:-35}" ${RESUME:+--resume}
+    $py -m maskattn_shapes.train_base --text-encoder words --grounding 0.5 --out "$out/shapes_v2" \
+      --init "$out/shapes_base_v1.safetensors" --scenes 8000 --steps 3000 --batch 32 --lr 3e-4 --warmup 50 \
+      --ema 0.998 --save-every 100 --minutes "${MINUTES:-55}" ${RESUME:+--resume}
     ;;
   diagnose)
-    $py -m maskattn_shapes.diagnose --weights "$out/shapes_local/shapes_base.safetensors" --per-kind 40 --json "$out/diagnose_local.json"
     $py -m maskattn_shapes.diagnose --weights "$out/shapes_v2/shapes_base.safetensors" --per-kind 40 --json "$out/diagnose_v2.json"
     $py -m maskattn_shapes.diagnose --weights "$out/shapes_base_v1.safetensors" --per-kind 40 --json "$out/diagnose_v1.json"
     ;;
