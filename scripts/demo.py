@@ -35,6 +35,7 @@ from headless import ComfyServer, to_api_format  # noqa: E402
 from maskattn_comfy.host import ComfyUINotFound, find_comfyui  # noqa: E402
 
 WORKFLOW = PACK_ROOT / "example_workflows" / "maskattn_shapes.json"
+REGIONS_WORKFLOW = PACK_ROOT / "example_workflows" / "maskattn_regions_shapes.json"
 PROMPTS = ("a red circle to the left of a blue square", "a yellow triangle above a purple circle",
            "a green square and an orange triangle", "a cyan circle below a red square")
 
@@ -76,6 +77,38 @@ def shapes_prompt(api: dict, text: str, seed: int, strength: float, prefix: str,
     return run
 
 
+def regions_prompt(api: dict, text: str, seed: int, prefix: str) -> dict:
+    """The Regions workflow for one prompt: each object's colour and shape words confined to the half of
+    the picture its caption gives it (left/right, or top/bottom; "and": the first named on the left)."""
+    from maskattn_shapes.diagnose import halves
+    from maskattn_shapes.world import parse_caption
+
+    run = json.loads(json.dumps(api))
+    prompt = parse_caption(text)
+    first, _ = halves(prompt)
+    words = [f"{color}, {shape}" for color, shape in prompt.objects]
+    if first in ("right", "bottom"):
+        words.reverse()  # the first Region's mask is the left (or top) half
+    vertical = first in ("top", "bottom")
+    by_id = {int(i): n for i, n in run.items()}
+    regions = sorted(i for i, n in by_id.items() if n["class_type"] == "MaskAttnRegion")
+    for node_id, node in by_id.items():
+        inputs = node["inputs"]
+        if node["class_type"] == "MaskAttnRegion":
+            inputs.update(text=text, words=words[regions.index(node_id)])
+        elif node["class_type"] == "SolidMask" and inputs["value"] == 1.0:
+            inputs.update(width=128 if vertical else 64, height=64 if vertical else 128)
+        elif node["class_type"] == "MaskComposite" and (inputs["x"] or inputs["y"]):
+            inputs.update(x=0 if vertical else 64, y=64 if vertical else 0)
+        elif node["class_type"] == "CLIPTextEncode" and inputs["text"]:
+            inputs["text"] = text
+        elif node["class_type"] == "KSampler":
+            inputs["seed"] = seed
+        elif node["class_type"] == "SaveImage":
+            inputs["filename_prefix"] = prefix
+    return run
+
+
 def verdict(text: str, picture: np.ndarray) -> str:
     from maskattn_shapes.evaluate import read_image, score
     from maskattn_shapes.world import parse_caption
@@ -86,20 +119,24 @@ def verdict(text: str, picture: np.ndarray) -> str:
     return f"{'right' if s['exact'] else 'wrong'}: {drawn}"
 
 
-def comparison(rows: list[tuple[str, np.ndarray, np.ndarray]], scale: int = 2) -> Image.Image:
-    """Rows of (prompt, plain, gated), each picture enlarged, with the evaluator's reading under it."""
+COLUMNS = (("Plain", "plain (no MaskAttn)"), ("Regions", "MaskAttn Region: words in their half"),
+           ("MaskAttn", "MaskAttn gates (learned)"))
+
+
+def comparison(rows: list[tuple[str, dict]], scale: int = 2) -> Image.Image:
+    """Rows of (prompt, {column: picture}), each picture enlarged, with the evaluator's reading under it."""
     side, label = 128 * scale, 34
-    sheet = Image.new("RGB", (2 * side + 30, 26 + len(rows) * (side + label + 22)), "white")
+    sheet = Image.new("RGB", (len(COLUMNS) * (side + 10) + 20, 26 + len(rows) * (side + label + 22)), "white")
     draw = ImageDraw.Draw(sheet)
-    draw.text((10, 6), "plain (strength 0)", fill="black")
-    draw.text((side + 20, 6), "MaskAttn gates (strength 1)", fill="black")
+    for column, (_, title) in enumerate(COLUMNS):
+        draw.text((10 + column * (side + 10), 6), title, fill="black")
     y = 26
-    for text, plain, gated in rows:
+    for text, pictures in rows:
         draw.text((10, y), text, fill="black")
-        for column, picture in enumerate((plain, gated)):
+        for column, (key, _) in enumerate(COLUMNS):
             x = 10 + column * (side + 10)
-            sheet.paste(Image.fromarray(picture).resize((side, side), Image.NEAREST), (x, y + 16))
-            draw.text((x, y + 20 + side), verdict(text, picture)[:40], fill="black")
+            sheet.paste(Image.fromarray(pictures[key]).resize((side, side), Image.NEAREST), (x, y + 16))
+            draw.text((x, y + 20 + side), verdict(text, pictures[key])[:40], fill="black")
         y += side + label + 22
     return sheet
 
@@ -128,14 +165,19 @@ def main(argv=None) -> int:
         server = ComfyServer(comfyui, Path(base))
         print(f"[demo] starting ComfyUI at {server.url}", flush=True)
         with server:
-            api = to_api_format(json.loads(WORKFLOW.read_text()), server.get("/object_info"))
-            for node in api.values():
+            info = server.get("/object_info")
+            api = to_api_format(json.loads(WORKFLOW.read_text()), info)
+            regions_api = to_api_format(json.loads(REGIONS_WORKFLOW.read_text()), info)
+            for node in (*api.values(), *regions_api.values()):
                 if node["class_type"] == "KSampler":
                     node["inputs"]["steps"] = args.steps
             for i, text in enumerate(PROMPTS):
                 pictures = {}
-                for prefix, strength in (("Plain", 0.0), ("MaskAttn", 1.0)):
-                    result = server.run(shapes_prompt(api, text, args.seed + i, strength, f"{prefix}_{i}", maps=i == 0 and strength))
+                runs = (("Plain", shapes_prompt(api, text, args.seed + i, 0.0, f"Plain_{i}", maps=False)),
+                        ("Regions", regions_prompt(regions_api, text, args.seed + i, f"Regions_{i}")),
+                        ("MaskAttn", shapes_prompt(api, text, args.seed + i, 1.0, f"MaskAttn_{i}", maps=i == 0)))
+                for prefix, run in runs:
+                    result = server.run(run)
                     status = result.get("status", {})
                     if status.get("status_str") != "success":
                         print(f"[demo] the workflow failed: {status}", file=sys.stderr)
@@ -148,13 +190,13 @@ def main(argv=None) -> int:
                                 maps = path
                             elif path.name.startswith(f"{prefix}_{i}"):
                                 pictures[prefix] = np.asarray(Image.open(path).convert("RGB"))
-                rows.append((text, pictures["Plain"], pictures["MaskAttn"]))
-                print(f"[demo] {text!r}: plain {verdict(text, pictures['Plain'])}; "
-                      f"gated {verdict(text, pictures['MaskAttn'])}", flush=True)
+                rows.append((text, pictures))
+                print(f"[demo] {text!r}: " + "; ".join(f"{key.lower()} {verdict(text, pictures[key])}" for key, _ in COLUMNS),
+                      flush=True)
         comparison(rows).save(args.out / "comparison.png")
         if maps is not None:
             shutil.copy(maps, args.out / "maps.png")
-    print(f"[demo] wrote comparison.png, maps.png and {len(rows) * 2} samples to {args.out}")
+    print(f"[demo] wrote comparison.png, maps.png and {len(rows) * len(COLUMNS)} samples to {args.out}")
     return 0
 
 

@@ -20,19 +20,28 @@ case "${1:-}" in
     $py -m maskattn_shapes.diagnose --weights "$out/shapes_v2/shapes_base.safetensors" --per-kind 40 --json "$out/diagnose_v2.json"
     $py -m maskattn_shapes.diagnose --weights "$out/shapes_base_v1.safetensors" --per-kind 40 --json "$out/diagnose_v1.json"
     ;;
-  gates)
+  gates)  # issue 17's variants on base v2 (which must be the pack's base: the trainer's --checkpoint maskattn-shapes),
+    # same data, steps and seed; SEED=1 for a second seed, ONLY="name ..." for some of them
     [ -d "$out/world_v2" ] || $py -m maskattn_shapes.world "$out/world_v2" --n 1200 --seed 0
+    seed="${SEED:-0}"
     common=(--checkpoint maskattn-shapes --data "$out/world_v2" --resolution 128 --batch-size 8 --grad-accum 1
-            --lr 3e-4 --warmup-steps 30 --steps "${STEPS:-300}" --cpu --no-install)
-    $py trainer/train.py "${common[@]}" --stage mid --output "$out/v2_hard_mid" --name shapes_gates
-    $py trainer/train.py "${common[@]}" --stage high --output "$out/v2_hard_high" --name shapes_gates_high
-    $py trainer/train.py "${common[@]}" --stage high --gate soft --output "$out/v2_soft_high" --name shapes_gates_soft
-    $py trainer/train.py "${common[@]}" --stage high --straight-through output --mask-loss 1.0 \
-      --output "$out/v2_output_mask" --name shapes_gates_output_mask
-    $py -m maskattn_shapes.control "${common[@]}" --stage high --output "$out/v2_control" --name shapes_control
+            --lr 3e-4 --warmup-steps 30 --steps "${STEPS:-300}" --seed "$seed" --cpu --no-install)
+    run() {  # run NAME FLAGS...: one variant, skipped when ONLY is set and does not name it
+      local name="$1"; shift
+      if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
+      "$@" "${common[@]}" --output "$out/v2_s${seed}_$name" --name "$name"
+    }
+    run shapes_gates              $py trainer/train.py --stage mid
+    run shapes_gates_high         $py trainer/train.py --stage high
+    run shapes_gates_high_mask    $py trainer/train.py --stage high --mask-loss 1.0
+    run shapes_gates_output       $py trainer/train.py --stage high --straight-through output
+    run shapes_gates_output_mask  $py trainer/train.py --stage high --straight-through output --mask-loss 1.0
+    run shapes_gates_soft         $py trainer/train.py --stage high --gate soft
+    run shapes_control            $py -m maskattn_shapes.control --stage high
     ;;
   study)
-    $py -m maskattn_shapes.study --per-kind "${PER_KIND:-40}" --out "$out/study_v2" --gates "$out"/v2_*/shapes_gates*.safetensors --control "$out/v2_control/shapes_control.safetensors"
+    $py -m maskattn_shapes.study --per-kind "${PER_KIND:-40}" --out "$out/study_v2" \
+      --gates "$out"/v2_s0_shapes_gates*/shapes_gates*.safetensors --control "$out"/v2_s*_shapes_control/shapes_control.safetensors
     ;;
   *) echo "usage: bash scripts/shapes_v2.sh base|diagnose|gates|study" >&2; exit 2 ;;
 esac

@@ -1,9 +1,9 @@
 """The Shapes world's frozen text encoders (maskattn_shapes.model.TEXT_ENCODERS), measured on ComfyUI's
 own SDXL CLIP class: what each recipe lets reach the UNet, and through which tokens.
 
-The "local" recipe is what makes the world a testbed for word masks: the caption reaches the picture
-only through its words' tokens (and the two or three after the end), never through the padding or the
-pooled vector, and a noun carries its own adjective."""
+The "words" recipe (base v2) is what makes the world a testbed for word masks: the caption reaches the
+picture only through its words' tokens, never through the padding, the start or end tokens or the pooled
+vector."""
 
 import pytest
 import torch
@@ -14,7 +14,7 @@ PAIR = "a red circle to the left of a blue square"
 OTHER = "a green triangle above a yellow circle"
 
 
-@pytest.fixture(scope="module", params=["v1", "v2", "local"])
+@pytest.fixture(scope="module", params=["v1", "v2", "words"])
 def encoded(request):
     clip = shapes.shapes_clip(encoder=request.param)
     context, pooled = shapes.encode_captions(clip, [PAIR, OTHER, "", "a purple square", "a blue square"])
@@ -32,8 +32,10 @@ def _padding_spread(context):
 def test_only_the_local_encoder_keeps_the_caption_out_of_the_padding(encoded):
     name, context, _ = encoded
     spread = _padding_spread(context)
-    if name == "local":
-        assert spread < 1e-3, spread  # measured 3e-4
+    if name == "words":
+        # no attention: a padding token's output is a function of its position alone (measured 0.0; float32
+        # rows of one batched product may round differently on other CPUs, never by 1e-5)
+        assert spread < 1e-5, spread
     else:
         assert spread > 0.05, spread  # v1 and v2: a causal encoder's padding sums the caption (v2: 0.08-0.3)
 
@@ -51,40 +53,26 @@ def test_a_local_noun_carries_its_adjective_and_a_colour_word_stays_its_own(enco
     cos = torch.nn.functional.cosine_similarity
     noun = cos(context[3, 3], context[4, 3], dim=0).item()  # "square" after "purple" vs after "blue"
     colour = cos(context[3, 2], context[4, 2], dim=0).item()  # "purple" vs "blue"
-    assert colour < 0.4, colour  # every recipe: the words are distinct (local: 0.22)
-    if name == "local":
-        assert noun < 0.92, noun  # measured 0.88; v2 0.99, where the noun barely hears its colour
+    assert colour < 0.4, colour  # every recipe: the words are distinct (words: 0.12)
+    if name == "words":
+        assert noun > 1 - 1e-5, noun  # the noun hears nothing of its colour: binding is the UNet's work
     if name == "v2":
         assert noun > 0.97, noun
 
 
-@torch.no_grad()
-def test_every_local_head_attends_to_its_own_token_and_the_one_before():
-    from comfy.clip_model import optimized_attention_for_device
-
-    clip = shapes.shapes_clip(encoder="local")
-    clip.load_model()
-    for tower in ("clip_l", "clip_g"):
-        text_model = getattr(clip.cond_stage_model, tower).transformer.text_model
-        tokens = torch.tensor([[t for t, _ in clip.tokenize(PAIR)[tower[-1]][0]]])
-        x = text_model.embeddings(tokens)
-        causal = torch.full((77, 77), float("-inf")).triu(1)
-        for index, layer in enumerate(text_model.encoder.layers[:2]):  # SDXL reads the second layer's output
-            h = layer.layer_norm1(x)
-            attention = layer.self_attn
-            heads = attention.heads
-            q = attention.q_proj(h).view(77, heads, -1).transpose(0, 1)
-            k = attention.k_proj(h).view(77, heads, -1).transpose(0, 1)
-            weights = (q @ k.transpose(1, 2) / q.shape[-1] ** 0.5 + causal).softmax(-1)  # [heads, i, j]
-            near = weights.diagonal(dim1=1, dim2=2)[:, 1:] + weights.diagonal(offset=-1, dim1=1, dim2=2)
-            assert near.min().item() > 0.95, (tower, index, near.min().item())  # measured >= 0.98
-            both = torch.stack([weights.diagonal(dim1=1, dim2=2)[:, 1:], weights.diagonal(offset=-1, dim1=1, dim2=2)])
-            assert both.min().item() > 0.2, (tower, index)  # neither the token nor its predecessor is ignored
-            x = layer(x, causal.unsqueeze(0), optimized_attention_for_device(x.device, mask=True, small_input=True))
+def test_a_words_end_token_is_the_same_whatever_the_caption_says(encoded):
+    """"a purple square" and "a blue square": the end token (position 4) of a causal encoder sums the
+    caption; under "words" it is a function of its position alone."""
+    name, context, _ = encoded
+    end = ((context[3, 4] - context[4, 4]).norm() / context[4, 4].norm()).item()
+    if name == "words":
+        assert end < 1e-5, end
+    else:
+        assert end > 1e-2, end
 
 
 def test_a_base_file_names_its_text_encoder_and_an_unknown_one_is_refused():
     assert shapes.text_encoder_of({}) == "v1"  # files from before v2 name none
-    assert shapes.text_encoder_of({"text_encoder": "local"}) == "local"
+    assert shapes.text_encoder_of({"text_encoder": "words"}) == "words"
     with pytest.raises(shapes.ShapesWeightsError, match="unknown Shapes text encoder 'v9'"):
         shapes.text_encoder_of({"text_encoder": "v9"})
