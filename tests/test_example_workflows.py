@@ -21,7 +21,7 @@ from test_loader import loader, tiny_gates
 from test_stacks import run_node, tiny_controlnet_state_dict
 
 sys.path.append(str(REPO / "scripts"))
-from demo import tiny_prompt  # noqa: E402
+from demo import PROMPTS, regions_prompt, tiny_prompt  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 from headless import TINY_NODES, ComfyServer, to_api_format  # noqa: E402
@@ -210,3 +210,40 @@ def test_regions_workflow_confines_each_objects_words_to_its_half(server, name, 
     plain = run(server, without_regions(api), [sampler])[0][sampler]
     assert torch.equal(run(server, off, [sampler])[0][sampler], plain)  # strength 0: the checkpoint's model
     assert differ(confined, plain)
+
+
+def _mask_of(api, node_id):
+    """The 128x128 mask a Solid Mask / Mask Composite graph draws, computed here from the node inputs."""
+    node = api[node_id]
+    inputs = node["inputs"]
+    if node["class_type"] == "SolidMask":
+        return torch.full((inputs["height"], inputs["width"]), float(inputs["value"]))
+    assert node["class_type"] == "MaskComposite" and inputs["operation"] == "add"
+    out = _mask_of(api, inputs["destination"][0]).clone()
+    source = _mask_of(api, inputs["source"][0])
+    x, y = inputs["x"], inputs["y"]
+    out[y:y + source.shape[0], x:x + source.shape[1]] += source[:out.shape[0] - y, :out.shape[1] - x]
+    return out.clamp(0, 1)
+
+
+@pytest.mark.parametrize("text", PROMPTS)
+def test_the_demos_regions_give_each_objects_words_the_half_its_caption_names(server, text):
+    """scripts/demo.py's Regions column: "a cyan circle below a red square" confines "cyan, circle" to the
+    bottom half and "red, square" to the top; "and" puts the first named on the left."""
+    from maskattn_shapes.diagnose import half_mask, halves
+    from maskattn_shapes.world import parse_caption
+
+    api = to_api_format(json.loads((REPO / "example_workflows" / "maskattn_regions_shapes.json").read_text()),
+                        server.get("/object_info"))
+    run_api = regions_prompt(api, text, seed=5, prefix="R")
+    prompt = parse_caption(text)
+    expected = {f"{c}, {s}": half_mask(half, 128, 128).float() for (c, s), half in zip(prompt.objects, halves(prompt))}
+    regions = of_type(run_api, "MaskAttnRegion")
+    assert sorted(run_api[r]["inputs"]["words"] for r in regions) == sorted(expected)
+    for region in regions:
+        inputs = run_api[region]["inputs"]
+        assert inputs["text"] == text
+        assert torch.equal(_mask_of(run_api, inputs["mask"][0]), expected[inputs["words"]]), inputs["words"]
+    (sampler,) = of_type(run_api, "KSampler")
+    assert run_api[sampler]["inputs"]["seed"] == 5
+    assert run_api[run_api[sampler]["inputs"]["positive"][0]]["inputs"]["text"] == text

@@ -100,3 +100,21 @@ def test_the_probe_splits_attention_by_role_and_the_oracle_confines_through_the_
             for position in positions:
                 assert torch.all(mask[inside, position] == 0) and torch.all(mask[~inside, position] <= -9999), (locations, position)
         assert torch.all(mask[:, [p for p in range(mask.shape[1]) if p not in words]] == 0)
+
+
+def test_the_committed_base_reads_its_objects_from_their_words(world):
+    """Base v2's routing, sampled through ComfyUI: on the 8x8 layers the prompted objects' colour and shape
+    tokens get a large share of the conditional attention (measured 48.5 % over 80 prompts and 8 steps;
+    v1, which read the caption from the pooled vector, 0.3 %), and no 8x8 layer puts most of its weight
+    on the start, end or padding tokens alone (v1: 99 % there)."""
+    from maskattn_shapes.world import heldout_prompts
+
+    model, clip, vae = world
+    prompts = heldout_prompts(3, 0, "relation") + heldout_prompts(3, 0, "pair")
+    layouts = [diagnose.token_layout(clip, q) for q in prompts]
+    rows = diagnose.routing(model, vae, clip, prompts, layouts, steps=4, cfg=5.0, batch=6)
+    fine = diagnose.finest_layers(rows)
+    assert fine["object_words"] > 0.3, fine
+    for row in rows:
+        if row["locations"] == 64:
+            assert row["object words"] + row["other words"] > 0.45, row
