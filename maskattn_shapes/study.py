@@ -139,7 +139,8 @@ def main(argv=None):
     p.add_argument("--batch", type=positive(int), default=100)
     p.add_argument("--seed", type=non_negative(int), default=0, help="prompt draw; prompt i is sampled with seed + i")
     p.add_argument("--gates", nargs="*", type=Path,
-                   default=[shapes.GATES / f"shapes_gates{suffix}.safetensors" for suffix in ("", "_all", "_high", "_soft")])
+                   default=[shapes.GATES / f"shapes_gates{suffix}.safetensors"
+                            for suffix in ("", "_high", "_high_mask", "_output", "_output_mask", "_soft")])
     p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
     p.add_argument("--control", nargs="*", type=Path, default=[shapes.CONTROL],
                    help="control files (python -m maskattn_shapes.control): the base with the same extra training, no gates")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The Shapes world v2, end to end on the CPU, as it was run for EVIDENCE.md (2 cores; each step resumable
 # or short). Steps: 1 fine-tune v1's UNet with the "words" text encoder and the word-grounding loss; 2 the diagnostics on it; 3 gates and the control on it; 4 the study.
-#   bash scripts/shapes_v2.sh base|diagnose|gates|study
+#   bash scripts/shapes_v2.sh base|diagnose|gates|install|study
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=.venv/bin/python
@@ -39,9 +39,18 @@ case "${1:-}" in
     run shapes_gates_soft         $py trainer/train.py --stage high --gate soft
     run shapes_control            $py -m maskattn_shapes.control --stage high
     ;;
-  study)
-    $py -m maskattn_shapes.study --per-kind "${PER_KIND:-40}" --out "$out/study_v2" \
-      --gates "$out"/v2_s0_shapes_gates*/shapes_gates*.safetensors --control "$out"/v2_s*_shapes_control/shapes_control.safetensors
+  install)  # the seed-0 gate files, float16, and the control into the pack (what the Loader lists and the study reads)
+    rm -f maskattn_shapes/gates/*.safetensors
+    for f in "$out"/v2_s0_shapes_gates*/shapes_gates*.safetensors; do
+      $py -c "import sys; from maskattn_comfy import host; host.boot(cpu=True); import torch; from maskattn_core.gate_file import load_gate_file, save_gate_file; save_gate_file(load_gate_file(sys.argv[1]), sys.argv[2], dtype=torch.float16)" "$f" "maskattn_shapes/gates/$(basename "$f")"
+    done
+    cp "$out/v2_s0_shapes_control/shapes_control.safetensors" maskattn_shapes/weights/shapes_control.safetensors
     ;;
-  *) echo "usage: bash scripts/shapes_v2.sh base|diagnose|gates|study" >&2; exit 2 ;;
+  study)  # the committed base, the committed gates and control (after install); then the region study
+    $py -m maskattn_shapes.study --per-kind "${PER_KIND:-80}" --out "$out/study_v2"
+    $py -m maskattn_shapes.diagnose --parts oracle --per-kind 40 --json "$out/regions_v2.json" \
+      --gates maskattn_shapes/gates/shapes_gates_high.safetensors maskattn_shapes/gates/shapes_gates_output_mask.safetensors
+    $py -m maskattn_shapes.localisation --per-kind 10 --json "$out/localisation_v2.json" --gates maskattn_shapes/gates/*.safetensors
+    ;;
+  *) echo "usage: bash scripts/shapes_v2.sh base|diagnose|gates|install|study" >&2; exit 2 ;;
 esac

@@ -226,10 +226,14 @@ def test_strength_zero_is_the_input_model_bit_for_bit(tiny):
 
 
 def test_a_full_mask_changes_nothing_but_the_attention_path(tiny):
-    # m = 1 everywhere: every factor is 1 and the additive mask 0; the output stays within float32 rounding.
-    on = apply_regions(tiny, regions_for(((1, 2, 3), torch.ones(128, 128), 1.0)))
-    plain, full = sample(on, steps=2), sample(tiny, steps=2)
-    assert (plain - full).abs().max() <= 1e-4 * full.abs().max()
+    # m = 1 everywhere: every factor is 1 and the additive mask 0. Checked call by call against float64
+    # attention with no mask at all (RegionCheck's reference of a full mask), not by comparing two
+    # samplers' outputs after several steps, whose rounding compounds differently on each CPU.
+    regions = regions_for(((1, 2, 3), torch.ones(128, 128), 1.0))
+    on = apply_regions(tiny, regions)
+    check = RegionCheck(on, find_region_patch(on).regions)
+    sample(on, steps=2)
+    check.assert_close(1e-5)
 
 
 def test_a_second_region_on_the_same_words_replaces_the_first(tiny):

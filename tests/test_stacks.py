@@ -260,7 +260,10 @@ def test_a_lora_loaded_before_or_after_the_loader_is_in_the_gated_output(tiny, g
     # the same gates on a model whose weights hold the LoRA merged by hand
     reference = sample(apply_maskattn(build_sdxl_model(state_dict=merged_weights), gates), steps=2)
     without_lora = sample(apply_maskattn(tiny, gates), steps=2)
-    assert (out - reference).abs().max() < 1e-4 * reference.abs().max()
+    # ComfyUI's W + scale * (up @ down) and ours round differently (about 1e-7 of each weight), and two sampling
+    # steps through the UNet carry that further on some CPUs than others; the LoRA itself moves the output by
+    # more than 1e-2, so 1e-3 still tells "LoRA in the gated output" from "LoRA missing" with a 10x margin.
+    assert (out - reference).abs().max() < 1e-3 * reference.abs().max()
     assert (without_lora - reference).abs().max() > 1e-2 * reference.abs().max()
 
 
