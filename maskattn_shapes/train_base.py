@@ -8,9 +8,10 @@
 Ordinary v-prediction diffusion training on SDXL's discrete schedule, 10 % of captions dropped
 for classifier-free guidance, an EMA of the weights; the EMA is what is written, 8-bit, to
 --weights (default: shapes_base.safetensors in --out; the pack's own base is only replaced when
---weights names it). The text encoder is the "local" recipe unless --text-encoder says otherwise
-(maskattn_shapes.model.TEXT_ENCODERS): tokens that keep their own word and the one before, padding that
-is the same for every prompt, and a pooled vector that is 0.
+--weights names it). The text encoder is the "words" recipe unless --text-encoder says otherwise
+(maskattn_shapes.model.TEXT_ENCODERS): each token's output is its own word and position only, the padding is
+the same for every prompt, and the pooled vector is 0. --grounding adds the word-grounding loss
+(maskattn_shapes.grounding); base v2 was trained with 0.5 (scripts/shapes_v2.sh base).
 Latents and text encodings are computed once per run (each distinct caption once).
 """
 
