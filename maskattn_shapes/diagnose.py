@@ -126,14 +126,9 @@ def with_replace(model, replace):
 
 
 def _attn2_layers(model):
-    unet = model.model.diffusion_model
-    layers = []
-    for block_name, blocks in (("input", unet.input_blocks), ("middle", [unet.middle_block]), ("output", unet.output_blocks)):
-        for number, block in enumerate(blocks):
-            for module in block:
-                if hasattr(module, "transformer_blocks"):
-                    layers += [(block_name, number, i) for i in range(len(module.transformer_blocks))]
-    return layers
+    from maskattn_comfy.model_check import attn2_layers
+
+    return [tuple(key) for key in attn2_layers(model.model.diffusion_model)]
 
 
 def routing(model, vae, clip, prompts, layouts, steps, cfg, batch) -> list[dict]:

@@ -71,11 +71,15 @@ class GroundingTargets:
 
 class AttentionRecorder:
     """An attn2 replace that computes softmax attention explicitly (autograd flows through it) and
-    keeps each layer's head-mean weights [B, N, T] at the resolutions that have targets."""
+    keeps each layer's head-mean weights [B, N, T] at the resolutions that have targets; `clear()`
+    between training steps."""
 
     def __init__(self, locations):
         self.locations = set(locations)
         self.weights: list[torch.Tensor] = []
+
+    def clear(self) -> None:
+        self.weights = []
 
     def __call__(self, q, k, v, extra_options):
         heads = extra_options["n_heads"]
@@ -88,14 +92,9 @@ class AttentionRecorder:
 
     def transformer_options(self, unet) -> dict:
         """transformer_options for calling `unet` directly with this recorder on every attn2 layer."""
-        layers = {}
-        for block_name, blocks in (("input", unet.input_blocks), ("middle", [unet.middle_block]),
-                                   ("output", unet.output_blocks)):
-            for number, block in enumerate(blocks):
-                for module in block:
-                    for index in range(len(getattr(module, "transformer_blocks", []))):
-                        layers[(block_name, number, index)] = self
-        return {"patches_replace": {"attn2": layers}}
+        from maskattn_comfy.model_check import attn2_layers
+
+        return {"patches_replace": {"attn2": {tuple(key): self for key in attn2_layers(unet)}}}
 
 
 def grounding_loss(weights: torch.Tensor, tokens: torch.Tensor, coverage: torch.Tensor,

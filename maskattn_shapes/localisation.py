@@ -30,7 +30,9 @@ def colour_columns(clip, prompt) -> list[list[int]]:
 
 
 def localisation(model, clip, vae, gate_file: Path, prompts, noise_levels: int = 2, seed: int = 0) -> dict:
-    """{"own": [...], "other": [...]} mean gate probabilities per (prompt, object, layer), and a summary."""
+    """Over every (prompt, object, gated layer): the mean gate probability of the object's colour word on its
+    own object's cells ("own") and on the other object's ("other"), their mean difference and how often own
+    is the larger; "n" counts the cases."""
     from maskattn_comfy.patch import PatchOptions, apply_maskattn
     from maskattn_comfy.render import chosen_maps
     from maskattn_comfy.visualize import VisualizeOptions, record_maps
@@ -60,8 +62,7 @@ def localisation(model, clip, vae, gate_file: Path, prompts, noise_levels: int =
                     other.append(float(values[cover[theirs]].mean()))
     own_a, other_a = np.array(own), np.array(other)
     return {"gates": gate_file.name, "n": len(own), "own": float(own_a.mean()), "other": float(other_a.mean()),
-            "own_minus_other": float((own_a - other_a).mean()), "own_above_other": float((own_a > other_a).mean()),
-            "spread": float(np.std(np.concatenate([own_a, other_a])))}
+            "own_minus_other": float((own_a - other_a).mean()), "own_above_other": float((own_a > other_a).mean())}
 
 
 def main(argv=None):

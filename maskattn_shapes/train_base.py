@@ -151,6 +151,11 @@ def lr_at(step: int, progress: float, args) -> float:
     return args.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def _smoothed(average: float | None, value: float) -> float:
+    """The logged running mean: the first value, then 2 % of each new one."""
+    return value if average is None else 0.98 * average + 0.02 * value
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     torch.save(state, tmp)
@@ -214,6 +219,8 @@ def main(argv=None):
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     loss_avg, grounding_avg, tick, training_started = None, None, time.time(), time.time() - trained_before
+    recorder = AttentionRecorder(targets.coverage) if targets is not None else None
+    recorded = recorder.transformer_options(unet) if recorder is not None else {}
 
     def progress() -> float:
         by_time = (time.time() - training_started) / (args.minutes * 60) if args.minutes else 0.0
@@ -235,10 +242,10 @@ def main(argv=None):
             v = a.sqrt() * noise - (1 - a).sqrt() * x0
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, progress(), args)
-            recorder = AttentionRecorder(targets.coverage) if targets is not None else None
+            if recorder is not None:
+                recorder.clear()
             with autocast:
-                prediction = unet(x_t, timesteps=t.float(), context=context, y=y,
-                                  transformer_options=recorder.transformer_options(unet) if recorder else {})
+                prediction = unet(x_t, timesteps=t.float(), context=context, y=y, transformer_options=recorded)
             noise_loss = torch.nn.functional.mse_loss(prediction.float(), v)
             loss = noise_loss
             if recorder is not None:
@@ -246,8 +253,7 @@ def main(argv=None):
                          for w in recorder.weights]
                 pixel = torch.stack([p for p, _ in parts]).mean()
                 token = torch.stack([t for _, t in parts]).mean()
-                grounding_avg = [pixel.item(), token.item()] if grounding_avg is None else \
-                    [0.98 * grounding_avg[0] + 0.02 * pixel.item(), 0.98 * grounding_avg[1] + 0.02 * token.item()]
+                grounding_avg = [_smoothed(a, x.item()) for a, x in zip(grounding_avg or (None, None), (pixel, token))]
                 loss = loss + args.grounding * (pixel + token)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -257,7 +263,7 @@ def main(argv=None):
                 for e, p in zip(ema.parameters(), unet.parameters()):
                     e.lerp_(p, 1 - args.ema)
             step += 1
-            loss_avg = noise_loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * noise_loss.item()
+            loss_avg = _smoothed(loss_avg, noise_loss.item())
             if step % 50 == 0:
                 rate = 50 / (time.time() - tick)
                 tick = time.time()
