@@ -153,7 +153,9 @@ def _rows(encoded, start, n):
 
 # ---- 2. the token/pooled swap ------------------------------------------------------------
 
-def swap(model, vae, clip, prompts, steps, cfg, batch) -> dict:
+def swap(model, vae, clip, prompts, steps, cfg, batch, kinds=None) -> dict:
+    """Single-object colour, shape and exact for each case; per kind of prompt too when `kinds` names
+    each prompt's (single_seen: a combination seen in training; single: a held-out one)."""
     from maskattn_shapes.study import encode_prompts, read_and_score, sample
 
     contexts, pooled = encode_prompts(clip, prompts)
@@ -167,8 +169,11 @@ def swap(model, vae, clip, prompts, steps, cfg, batch) -> dict:
         encoded = (torch.cat([c, contexts[-1:]]), torch.cat([p, pooled[-1:]]))
         pictures = sample(model, vae, encoded, list(range(n)), steps, cfg, batch)
         scores = [read_and_score(q, img) for q, img in zip(prompts, pictures)]
-        result[name] = {"colour": float(np.mean([s["colour"] for s in scores])),
-                        "exact": float(np.mean([s["exact"] for s in scores])), "n": n}
+        groups = {"all": scores}
+        for kind in dict.fromkeys(kinds or ()):
+            groups[kind] = [s for s, k in zip(scores, kinds) if k == kind]
+        result[name] = {group: {metric: float(np.mean([s[metric] for s in rows])) for metric in ("colour", "shape", "exact")}
+                        | {"n": len(rows)} for group, rows in groups.items()}
     return result
 
 
@@ -283,8 +288,9 @@ def diagnose(weights: Path, per_kind: int, steps: int, cfg: float, batch: int, s
     if "routing" in parts:
         report["routing"] = routing(model, vae, clip, two, layouts, steps, cfg, batch)
     if "swap" in parts:
+        single_kinds = [kind for kind in ("single_seen", "single") for _ in range(per_kind // 2 or 1)]
         singles = [q for kind in ("single_seen", "single") for q in heldout_prompts(per_kind // 2 or 1, seed, kind)]
-        report["swap"] = swap(model, vae, clip, singles, steps, cfg, batch)
+        report["swap"] = swap(model, vae, clip, singles, steps, cfg, batch, single_kinds)
     if "oracle" in parts:
         from maskattn_comfy.patch import PatchOptions, apply_maskattn
         from maskattn_core.gate_file import load_gate_file
@@ -322,9 +328,12 @@ def routing_lines(report: dict) -> list[str]:
 
 def swap_lines(report: dict) -> list[str]:
     lines = []
-    lines.append("\n| single objects | colour | exact | n |\n|---|---|---|---|")
-    for name, row in report["swap"].items():
-        lines.append(f"| {name} | {100 * row['colour']:.1f} % | {100 * row['exact']:.1f} % | {row['n']} |")
+    lines.append("\n| single objects | prompts | colour | shape | exact | n |\n|---|---|---|---|---|---|")
+    names = {"all": "all", "single_seen": "seen combinations", "single": "held-out combinations"}
+    for name, groups in report["swap"].items():
+        for group, row in groups.items():
+            lines.append(f"| {name} | {names.get(group, group)} | {100 * row['colour']:.1f} % | "
+                         f"{100 * row['shape']:.1f} % | {100 * row['exact']:.1f} % | {row['n']} |")
     return lines
 
 

@@ -29,12 +29,14 @@ TOKENS = 77
 
 def object_tokens(clip, scene) -> np.ndarray:
     """[MAX_OBJECTS, TOKENS] bool: the token columns of each object's colour and shape words in its
-    caption (found as MaskAttn Region finds them: "cyan" is two tokens), in scene.objects order."""
+    caption (found as MaskAttn Region finds them: "cyan" is two tokens), in scene.objects order; an object
+    the caption names by its shape alone (world.without_colours) has its shape's columns only."""
     from maskattn_comfy.regions import word_positions
 
     found = np.zeros((MAX_OBJECTS, TOKENS), bool)
     for j, obj in enumerate(scene.objects):
-        positions, _ = word_positions(clip, scene.caption, f"{obj.color}, {obj.shape}")
+        named = f"{obj.color}, {obj.shape}" if f"{obj.color} {obj.shape}" in scene.caption else obj.shape
+        positions, _ = word_positions(clip, scene.caption, named)
         found[j, positions] = True
     return found
 

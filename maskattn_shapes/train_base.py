@@ -11,7 +11,9 @@ for classifier-free guidance, an EMA of the weights; the EMA is what is written,
 --weights names it). The text encoder is the "words" recipe unless --text-encoder says otherwise
 (maskattn_shapes.model.TEXT_ENCODERS): each token's output is its own word and position only, the padding is
 the same for every prompt, and the pooled vector is 0. --grounding adds the word-grounding loss
-(maskattn_shapes.grounding); base v2 was trained with 0.5 (scripts/shapes_v2.sh base).
+(maskattn_shapes.grounding); base v2 was trained with 0.5 (scripts/shapes_v2.sh base). --drop-colours
+recaptions a share of the pictures with some objects named by their shape alone (colour-word dropout:
+EVIDENCE.md measures what it does to shapes and to binding; scripts/shapes_v2.sh shapes).
 Latents and text encodings are computed once per run (each distinct caption once).
 """
 
@@ -53,6 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--grounding", type=_non_negative(float), default=0.0,
                    help="weight of the word-grounding loss (maskattn_shapes.grounding): each object's colour and shape "
                         "tokens attend at its cells; base v2 was trained with 0.5 (0: the noise loss alone)")
+    p.add_argument("--drop-colours", type=_fraction, default=0.0,
+                   help="share of captioned pictures whose caption names some objects by their shape alone "
+                        "(maskattn_shapes.world.without_colours), so that a shape word carries its shape by itself")
     p.add_argument("--uncond", type=_fraction, default=0.1, help="share of captions dropped for classifier-free guidance")
     p.add_argument("--seed", type=_non_negative(int), default=0)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -121,9 +126,11 @@ def draw_scenes(n: int, world_seed: int, pool) -> list:
     return [scene for chunk in pool.map(_scene_chunk, jobs) for scene in chunk]
 
 
-def encode_world(scenes, clip, codec, device, pool):
-    """-> latents [N,4,16,16] (scaled as the model sees them), caption ids [N], contexts [U,77,2048]
-    and pooled [U,1280] for the U distinct captions plus the empty caption (last row)."""
+def encode_world(scenes, clip, codec, device, pool, recaptioned=()):
+    """-> latents [N,4,16,16] (scaled as the model sees them), caption ids [1 + R, N] (row 0: the scenes'
+    own captions, row r: those of the r-th of the `recaptioned` scene lists, the same pictures captioned
+    otherwise), contexts [U,77,2048] and pooled [U,1280] for the U distinct captions plus the empty
+    caption (last row)."""
     from maskattn_shapes.model import LATENT_SCALE, encode_captions
     from maskattn_shapes.world import render
 
@@ -132,7 +139,8 @@ def encode_world(scenes, clip, codec, device, pool):
     for start in range(0, len(scenes), 256):
         pixels = torch.stack([torch.from_numpy(np.array(p, dtype=np.float32)) for p in pictures[start:start + 256]])
         latents.append(codec.encode(pixels.movedim(-1, 1) / 127.5 - 1.0) * LATENT_SCALE)
-    captions = sorted({s.caption for s in scenes})
+    captioned = [scenes, *recaptioned]
+    captions = sorted({s.caption for group in captioned for s in group})
     index = {c: i for i, c in enumerate(captions)}
     contexts, pooled = [], []
     texts = captions + [""]
@@ -140,7 +148,7 @@ def encode_world(scenes, clip, codec, device, pool):
         context, pool = encode_captions(clip, texts[start:start + 64])
         contexts.append(context.to(device, torch.float16))
         pooled.append(pool.to(device, torch.float16))
-    ids = torch.tensor([index[s.caption] for s in scenes])
+    ids = torch.tensor([[index[s.caption] for s in group] for group in captioned])
     return (torch.cat(latents).to(device), ids.to(device), torch.cat(contexts).to(device), torch.cat(pooled).to(device))
 
 
@@ -170,6 +178,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     from maskattn_shapes import model as shapes
+    from maskattn_shapes.world import without_colours
     device = torch.device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -191,8 +200,11 @@ def main(argv=None):
     with ProcessPoolExecutor(max(1, min(16, (os.cpu_count() or 2) - 1))) as pool:
         scenes = draw_scenes(args.scenes, args.world_seed, pool)
         clip = shapes.shapes_clip(encoder=encoder)
-        latents, caption_ids, contexts, pooled = encode_world(scenes, clip, shapes.ShapesCodec(), device, pool)
-    targets = GroundingTargets(scenes, clip).to(device) if args.grounding else None
+        recaptioned = [without_colours(s, rng) for rng in [np.random.Generator(np.random.PCG64([args.world_seed, 1]))]
+                       for s in scenes] if args.drop_colours else []
+        latents, caption_ids, contexts, pooled = encode_world(scenes, clip, shapes.ShapesCodec(), device, pool,
+                                                              [recaptioned] if recaptioned else [])
+    targets = GroundingTargets(scenes + recaptioned, clip).to(device) if args.grounding else None
     empty_id = contexts.shape[0] - 1
     print(f"[shapes] {len(scenes)} pictures, {empty_id} distinct captions, {time.time() - started:.0f} s", flush=True)
 
@@ -230,8 +242,13 @@ def main(argv=None):
         while progress() < 1.0:
             idx = torch.randint(0, latents.shape[0], (args.batch,), device=device, generator=generator)
             x0 = latents[idx]
-            ids = caption_ids[idx]
+            ids = caption_ids[0, idx]
             drop = torch.rand(args.batch, device=device, generator=generator) < args.uncond
+            target_idx = idx
+            if args.drop_colours:
+                recaption = torch.rand(args.batch, device=device, generator=generator) < args.drop_colours
+                ids = torch.where(recaption, caption_ids[1, idx], ids)
+                target_idx = idx + recaption.long() * latents.shape[0]
             ids = torch.where(drop, torch.full_like(ids, empty_id), ids)
             context = contexts[ids].float()
             y = torch.cat([pooled[ids].float(), size_embedding.expand(args.batch, -1)], dim=1)
@@ -249,7 +266,7 @@ def main(argv=None):
             noise_loss = torch.nn.functional.mse_loss(prediction.float(), v)
             loss = noise_loss
             if recorder is not None:
-                parts = [grounding_loss(w.float(), targets.tokens[idx], targets.coverage[w.shape[1]][idx], ~drop)
+                parts = [grounding_loss(w.float(), targets.tokens[target_idx], targets.coverage[w.shape[1]][target_idx], ~drop)
                          for w in recorder.weights]
                 pixel = torch.stack([p for p, _ in parts]).mean()
                 token = torch.stack([t for _, t in parts]).mean()
@@ -284,7 +301,7 @@ def main(argv=None):
     with (out / "train_log.jsonl").open("a") as handle:
         for row in log:
             handle.write(json.dumps(row) + "\n")
-    provenance = {"steps": step, "grounding": args.grounding, "init": Path(args.init).name if args.init else None, "batch": args.batch, "lr": args.lr, "ema": args.ema, "scenes": args.scenes,
+    provenance = {"steps": step, "grounding": args.grounding, "drop_colours": args.drop_colours, "init": Path(args.init).name if args.init else None, "batch": args.batch, "lr": args.lr, "ema": args.ema, "scenes": args.scenes,
                   "world_seed": args.world_seed, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                   "minutes": round((time.time() - started) / 60, 1), "final_loss": loss_avg}
     shapes.save_base(weights, {k: v.float().cpu() for k, v in ema.state_dict().items()}, provenance, encoder=encoder)

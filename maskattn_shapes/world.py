@@ -306,6 +306,21 @@ def training_scenes(n: int, seed: int, size: int = 128) -> list[Scene]:
     return scenes
 
 
+def without_colours(scene: Scene, rng: np.random.Generator) -> Scene:
+    """The scene with a caption that names some of its objects by their shape alone ("a circle" for "a red
+    circle"): each object's colour word is left out with probability 1/2, at least one's. The picture is the
+    same, so the shape word alone must carry the shape (training's colour-word dropout: a colour seen with
+    only some shapes then pulls less towards them)."""
+    dropped = rng.random(len(scene.objects)) < 0.5
+    if not dropped.any():
+        dropped[int(rng.integers(len(scene.objects)))] = True
+    text = scene.caption
+    for o, drop in zip(scene.objects, dropped):
+        if drop:
+            text = re.sub(rf"\ban? {o.color} {o.shape}\b", f"a {o.shape}", text, count=1)
+    return Scene(scene.objects, scene.relation, text, scene.size)
+
+
 def _heldout_specs(kind: str) -> list[tuple[tuple[Combo, ...], str | None]]:
     every = tuple(itertools.product(COLORS, SHAPES))
     if kind == "single":

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The Shapes world v2, end to end on the CPU, as it was run for EVIDENCE.md (2 cores; each step resumable
 # or short). Steps: 1 fine-tune v1's UNet with the "words" text encoder and the word-grounding loss; 2 the diagnostics on it; 3 gates and the control on it; 4 the study.
-#   bash scripts/shapes_v2.sh base|diagnose|gates|install|study
+#   bash scripts/shapes_v2.sh base|shapes|diagnose|gates|install|study
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=.venv/bin/python
@@ -16,9 +16,26 @@ case "${1:-}" in
       --init "$out/shapes_base_v1.safetensors" --scenes 8000 --steps 3000 --batch 32 --lr 3e-4 --warmup 50 \
       --ema 0.998 --save-every 100 --minutes "${MINUTES:-55}" ${RESUME:+--resume}
     ;;
+  shapes)  # base v2.1 (measured in EVIDENCE.md, not committed): base v2 fine-tuned on with colour-word dropout (train_base --drop-colours:
+    # 30 % of captions name some objects by their shape alone), two stages (30 and 35 minutes of training); STAGE=1|2,
+    # RESUME=1 continues a stopped stage
+    case "${STAGE:-1}" in
+      1) init="$out/shapes_base_v2.safetensors"; seed=0; minutes=30  # the committed base v2
+         [ -f "$init" ] || git show 60a5b5e:maskattn_shapes/weights/shapes_base.safetensors > "$init" ;;
+      2) init="$out/shapes_v2_1_stage1/shapes_base.safetensors"; seed=1; minutes=35 ;;
+      *) echo "STAGE must be 1 or 2" >&2; exit 2 ;;
+    esac
+    $py -m maskattn_shapes.train_base --text-encoder words --grounding 0.5 --drop-colours 0.3 \
+      --out "$out/shapes_v2_1_stage${STAGE:-1}" --init "$init" --scenes 8000 --steps 3000 --batch 32 --lr 2e-4 \
+      --warmup 50 --ema 0.998 --save-every 100 --seed "$seed" --minutes "${MINUTES:-$minutes}" ${RESUME:+--resume}
+    ;;
   diagnose)
     $py -m maskattn_shapes.diagnose --weights "$out/shapes_v2/shapes_base.safetensors" --per-kind 40 --json "$out/diagnose_v2.json"
     $py -m maskattn_shapes.diagnose --weights "$out/shapes_base_v1.safetensors" --per-kind 40 --json "$out/diagnose_v1.json"
+    if [ -f "$out/shapes_v2_1_stage2/shapes_base.safetensors" ]; then  # after "shapes"
+      $py -m maskattn_shapes.diagnose --weights "$out/shapes_v2_1_stage2/shapes_base.safetensors" --per-kind 40 \
+        --json "$out/diagnose_v2_1.json"
+    fi
     ;;
   gates)  # issue 17's variants on base v2 (which must be the pack's base: the trainer's --checkpoint maskattn-shapes),
     # same data, steps and seed; SEED=1 for a second seed, ONLY="name ..." for some of them
@@ -52,5 +69,5 @@ case "${1:-}" in
       --gates maskattn_shapes/gates/shapes_gates_high.safetensors maskattn_shapes/gates/shapes_gates_output_mask.safetensors
     $py -m maskattn_shapes.localisation --per-kind 10 --json "$out/localisation_v2.json" --gates maskattn_shapes/gates/*.safetensors
     ;;
-  *) echo "usage: bash scripts/shapes_v2.sh base|diagnose|gates|install|study" >&2; exit 2 ;;
+  *) echo "usage: bash scripts/shapes_v2.sh base|shapes|diagnose|gates|install|study" >&2; exit 2 ;;
 esac

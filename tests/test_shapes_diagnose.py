@@ -118,3 +118,20 @@ def test_the_committed_base_reads_its_objects_from_their_words(world):
     for row in rows:
         if row["locations"] == 64:
             assert row["object words"] + row["other words"] > 0.45, row
+
+
+def test_the_swap_reports_colour_shape_and_exact_per_kind_of_single_prompt(world):
+    from maskattn_shapes.world import heldout_prompts
+
+    model, clip, vae = world
+    prompts = heldout_prompts(2, 0, "single_seen") + heldout_prompts(1, 0, "single")
+    report = diagnose.swap(model, vae, clip, prompts, steps=2, cfg=5.0, batch=3,
+                           kinds=["single_seen", "single_seen", "single"])
+    assert list(report) == ["own tokens, own pooled", "own tokens, empty pooled", "empty tokens, own pooled"]
+    for groups in report.values():
+        assert [(g, row["n"]) for g, row in groups.items()] == [("all", 3), ("single_seen", 2), ("single", 1)]
+        for metric in ("colour", "shape", "exact"):
+            parts = 2 * groups["single_seen"][metric] + groups["single"][metric]
+            assert groups["all"][metric] == pytest.approx(parts / 3)
+    lines = "\n".join(diagnose.swap_lines({"swap": report}))
+    assert "| own tokens, own pooled | held-out combinations |" in lines

@@ -43,6 +43,13 @@ def test_object_tokens_are_the_colour_and_shape_columns(shapes_clip_words):
     assert not tokens[2].any()
 
 
+def test_an_object_named_by_its_shape_alone_has_its_shape_columns_only(shapes_clip_words):
+    scene = _scene(Obj("red", "circle", 32.0, 64.0, 40.0), Obj("cyan", "square", 96.0, 64.0, 40.0),
+                   caption="a circle to the left of a cyan square")
+    tokens = grounding.object_tokens(shapes_clip_words, scene)
+    assert [list(map(int, row.nonzero()[0])) for row in tokens[:2]] == [[2], [8, 9, 10]]
+
+
 def _case():
     """Two rows, two objects in the first (cells 0-1 and 2), one in the second; 4 cells, 6 tokens."""
     tokens = torch.zeros(2, 3, 6, dtype=torch.bool)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import re
 
 import numpy as np
 import pytest
@@ -177,3 +178,24 @@ def test_blobs_that_are_no_shape_and_colours_off_the_palette_are_unparseable():
 
 def test_empty_canvas_reads_nothing():
     assert evaluate.read_image(np.full((128, 128, 3), world.BACKGROUND, np.uint8)) == []
+
+
+def test_without_colours_names_some_objects_by_their_shape_alone():
+    rng = np.random.Generator(np.random.PCG64(3))
+    kept = dropped = 0
+    for scene in world.training_scenes(300, 5):
+        recaptioned = world.without_colours(scene, rng)
+        assert recaptioned.objects == scene.objects and recaptioned.relation == scene.relation
+        named = [f"{o.color} {o.shape}" in recaptioned.caption for o in scene.objects]
+        bare = [re.search(rf"\ba {o.shape}\b", recaptioned.caption) is not None for o in scene.objects]
+        assert all(n != b for n, b in zip(named, bare)), recaptioned.caption  # each object: colour kept or dropped
+        assert not all(named), recaptioned.caption  # at least one colour is left out
+        assert not any(o.color in recaptioned.caption for o, n in zip(scene.objects, named) if not n)
+        kept, dropped = kept + sum(named), dropped + len(named) - sum(named)
+        # the rest of the caption is untouched: putting the colours back gives the original
+        restored = recaptioned.caption
+        for o, n in zip(scene.objects, named):
+            if not n:
+                restored = re.sub(rf"\ba {o.shape}\b", world._phrase((o.color, o.shape)), restored, count=1)
+        assert restored == scene.caption
+    assert 0.3 < kept / (kept + dropped) < 0.5  # 1/2 each, at least one dropped
