@@ -261,6 +261,8 @@ def oracle(model, vae, clip, prompts, layouts, kinds, steps, cfg, batch, gated: 
                    "exact": float(np.mean(exact)), "exact_ci": wilson(sum(exact), len(exact)),
                    "binding": float(np.mean([bool(r["binding"]) for r in mine])),
                    "own_colour_errors": int(sum(r["own_colour_errors"] for r in mine)),
+                   "shape_errors": int(sum(r["shape_errors"] for r in mine)),
+                   "extra": int(sum(r["extra"] for r in mine)),
                    "errors": int(sum(r["own_colour_errors"] + r["other_colour_errors"] + r["shape_errors"] + r["missing"]
                                      for r in mine))}
             if variant != "base":
@@ -339,13 +341,15 @@ def swap_lines(report: dict) -> list[str]:
 
 def oracle_lines(report: dict) -> list[str]:
     lines = []
-    lines.append("\n| region oracle | n | objects in own half [95% CI] | exact [95% CI] | binding | own-colour / all errors | p exact | p half |")
-    lines.append("|---|---|---|---|---|---|---|---|")
+    lines.append("\n| region oracle | n | objects in own half [95% CI] | exact [95% CI] | binding | own-colour / all errors | "
+                 "shape errors | extra objects | p exact | p half |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
     for name, row in report["oracle"].items():
         ci, eci = row["in_half_ci"], row["exact_ci"]
         lines.append(f"| {name} | {row['n']} | {100 * row['in_half']:.1f} % [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}] | "
                      f"{100 * row['exact']:.1f} % [{100 * eci[0]:.1f}, {100 * eci[1]:.1f}] | {100 * row['binding']:.1f} % | "
-                     f"{row['own_colour_errors']} / {row['errors']} | {row.get('p_exact', float('nan')):.2g} | "
+                     f"{row['own_colour_errors']} / {row['errors']} | {row['shape_errors']} | {row['extra']} | "
+                     f"{row.get('p_exact', float('nan')):.2g} | "
                      f"{row.get('p_in_half', float('nan')):.2g} |")
     return lines
 
