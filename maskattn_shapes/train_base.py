@@ -200,8 +200,10 @@ def main(argv=None):
     with ProcessPoolExecutor(max(1, min(16, (os.cpu_count() or 2) - 1))) as pool:
         scenes = draw_scenes(args.scenes, args.world_seed, pool)
         clip = shapes.shapes_clip(encoder=encoder)
-        recaptioned = [without_colours(s, rng) for rng in [np.random.Generator(np.random.PCG64([args.world_seed, 1]))]
-                       for s in scenes] if args.drop_colours else []
+        recaptioned = []
+        if args.drop_colours:
+            rng = np.random.Generator(np.random.PCG64([args.world_seed, 1]))
+            recaptioned = [without_colours(s, rng) for s in scenes]
         latents, caption_ids, contexts, pooled = encode_world(scenes, clip, shapes.ShapesCodec(), device, pool,
                                                               [recaptioned] if recaptioned else [])
     targets = GroundingTargets(scenes + recaptioned, clip).to(device) if args.grounding else None
