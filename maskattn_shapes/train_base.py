@@ -189,7 +189,9 @@ def main(argv=None):
     init_state = shapes.read_base(Path(args.init))[0] if args.init else None
     patcher = shapes.shapes_unet(init_state, seed=args.seed)
     model = patcher.model
-    unet = model.diffusion_model.to(device).train()
+    # ComfyUI 0.33.0 builds the UNet's parameters with requires_grad=False (it never trains them): turn it on,
+    # or the loss has no gradient on those hosts.
+    unet = model.diffusion_model.to(device).train().requires_grad_(True)
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.01)
     alphas_cumprod = (1.0 / (1.0 + model.model_sampling.sigmas.float() ** 2)).to(device)
