@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The Shapes world v2, end to end on the CPU, as it was run for EVIDENCE.md (2 cores; each step resumable
 # or short). Steps: 1 fine-tune v1's UNet with the "words" text encoder and the word-grounding loss; 2 the diagnostics on it; 3 gates and the control on it; 4 the study.
-#   bash scripts/shapes_v2.sh base|shapes|diagnose|gates|install|study
+#   bash scripts/shapes_v2.sh base|shapes|longer|diagnose|gates|install|study
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=.venv/bin/python
@@ -28,6 +28,20 @@ case "${1:-}" in
     $py -m maskattn_shapes.train_base --text-encoder words --grounding 0.5 --drop-colours 0.3 \
       --out "$out/shapes_v2_1_stage${STAGE:-1}" --init "$init" --scenes 8000 --steps 3000 --batch 32 --lr 2e-4 \
       --warmup 50 --ema 0.998 --save-every 100 --seed "$seed" --minutes "${MINUTES:-$minutes}" ${RESUME:+--resume}
+    ;;
+  longer)  # base v2.2: base v2 trained on longer WITHOUT colour-word dropout (v2.1's recipe otherwise), in stages of
+    # STAGE=1 (25 min, seed 0: v2.1's control), 2 (35 min, seed 1), 3 (35 min, seed 2), each from the previous
+    # stage's weights; RESUME=1 continues a stopped stage
+    stage="${STAGE:-1}"
+    case "$stage" in
+      1) init="$out/shapes_base_v2.safetensors"; minutes=25
+         [ -f "$init" ] || git show 60a5b5e:maskattn_shapes/weights/shapes_base.safetensors > "$init" ;;
+      2|3) init="$out/shapes_v2_2_stage$((stage - 1))/shapes_base.safetensors"; minutes=35 ;;
+      *) echo "STAGE must be 1, 2 or 3" >&2; exit 2 ;;
+    esac
+    $py -m maskattn_shapes.train_base --text-encoder words --grounding 0.5 \
+      --out "$out/shapes_v2_2_stage$stage" --init "$init" --scenes 8000 --steps 3000 --batch 32 --lr 2e-4 \
+      --warmup 50 --ema 0.998 --save-every 100 --seed "$((stage - 1))" --minutes "${MINUTES:-$minutes}" ${RESUME:+--resume}
     ;;
   diagnose)
     $py -m maskattn_shapes.diagnose --weights "$out/shapes_v2/shapes_base.safetensors" --per-kind 40 --json "$out/diagnose_v2.json"
@@ -69,5 +83,5 @@ case "${1:-}" in
       --gates maskattn_shapes/gates/shapes_gates_high.safetensors maskattn_shapes/gates/shapes_gates_output_mask.safetensors
     $py -m maskattn_shapes.localisation --per-kind 10 --json "$out/localisation_v2.json" --gates maskattn_shapes/gates/*.safetensors
     ;;
-  *) echo "usage: bash scripts/shapes_v2.sh base|shapes|diagnose|gates|install|study" >&2; exit 2 ;;
+  *) echo "usage: bash scripts/shapes_v2.sh base|shapes|longer|diagnose|gates|install|study" >&2; exit 2 ;;
 esac
