@@ -14,6 +14,10 @@ Stable Diffusion), on the world's own geometry, at every cross-attention layer:
 Nothing supervises the background's cells, the other words, or which object goes where: the base
 still places objects (and binds colours) by itself, and still makes the errors MaskAttn is for.
 Only rows with a caption (not the 10 % dropped for guidance) count.
+
+With `nouns=True` (TokenCompose grounds nouns only) the token loss grounds each object's shape word
+alone, and the pixel loss asks an object's cells to attend to the objects' words, any object's: the
+words still carry the objects to the picture, but nothing tells a colour word which object is its own.
 """
 
 from __future__ import annotations
@@ -27,15 +31,17 @@ MAX_OBJECTS = 3
 TOKENS = 77
 
 
-def object_tokens(clip, scene) -> np.ndarray:
+def object_tokens(clip, scene, nouns: bool = False) -> np.ndarray:
     """[MAX_OBJECTS, TOKENS] bool: the token columns of each object's colour and shape words in its
     caption (found as MaskAttn Region finds them: "cyan" is two tokens), in scene.objects order; an object
-    the caption names by its shape alone (world.without_colours) has its shape's columns only."""
+    the caption names by its shape alone (world.without_colours), or every object with `nouns`, has its
+    shape's columns only."""
     from maskattn_comfy.regions import word_positions
 
     found = np.zeros((MAX_OBJECTS, TOKENS), bool)
     for j, obj in enumerate(scene.objects):
-        named = f"{obj.color}, {obj.shape}" if f"{obj.color} {obj.shape}" in scene.caption else obj.shape
+        coloured = not nouns and f"{obj.color} {obj.shape}" in scene.caption
+        named = f"{obj.color}, {obj.shape}" if coloured else obj.shape
         positions, _ = word_positions(clip, scene.caption, named)
         found[j, positions] = True
     return found
@@ -55,18 +61,28 @@ def object_coverage(scene, side: int) -> np.ndarray:
 
 
 class GroundingTargets:
-    """Per training scene: its objects' token columns and their coverage at each latent side."""
+    """Per training scene: its objects' token columns for the token loss (`tokens`) and for the pixel
+    loss (`pixel_tokens`: the same, or with `nouns` every object's words for each object), and their
+    coverage at each latent side."""
 
-    def __init__(self, scenes, clip, sides=(8, 4)):
+    def __init__(self, scenes, clip, sides=(8, 4), nouns: bool = False):
         by_caption = {}
-        self.tokens = torch.from_numpy(np.stack([
-            by_caption.setdefault((s.caption, tuple((o.color, o.shape) for o in s.objects)), object_tokens(clip, s))
-            for s in scenes]))
+
+        def columns(s, only_nouns):
+            key = (s.caption, tuple((o.color, o.shape) for o in s.objects), only_nouns)
+            return by_caption.setdefault(key, object_tokens(clip, s, only_nouns))
+
+        self.tokens = torch.from_numpy(np.stack([columns(s, nouns) for s in scenes]))
+        self.pixel_tokens = self.tokens
+        if nouns:
+            words = torch.from_numpy(np.stack([columns(s, False) for s in scenes]))  # [S, J, T]
+            self.pixel_tokens = words.any(dim=1, keepdim=True) & words.any(dim=2, keepdim=True)
         self.coverage = {side * side: torch.from_numpy(np.stack([object_coverage(s, side) for s in scenes]))
                          for side in sides}
 
     def to(self, device):
         self.tokens = self.tokens.to(device)
+        self.pixel_tokens = self.pixel_tokens.to(device)
         self.coverage = {n: c.to(device) for n, c in self.coverage.items()}
         return self
 
@@ -100,15 +116,16 @@ class AttentionRecorder:
 
 
 def grounding_loss(weights: torch.Tensor, tokens: torch.Tensor, coverage: torch.Tensor,
-                   captioned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                   captioned: torch.Tensor, pixel_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(pixel, token) losses of one layer's head-mean attention `weights` [B, N, T], for the objects'
     token columns `tokens` [B, J, T] (bool), their cell coverage [B, J, N] and which rows have a
     caption `captioned` [B] (bool). Each lies in [0, 1]; 0 when every object's cells attend only to its
-    words and its words attend only to its cells."""
+    words (`pixel_tokens` [B, J, T], default `tokens`) and its words attend only to its cells."""
     t = tokens.to(weights.dtype)
     present = t.any(-1) & captioned[:, None]  # [B, J]
     cover = coverage.to(weights.dtype) * present[..., None]
-    own = torch.einsum("bnt,bjt->bjn", weights, t)  # attention on the object's own words at each cell
+    p = t if pixel_tokens is None else pixel_tokens.to(weights.dtype)
+    own = torch.einsum("bnt,bjt->bjn", weights, p)  # attention on the object's own words at each cell
     pixel = (cover * (1 - own)).sum() / cover.sum().clamp_min(1e-6)
     maps = weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-12)  # each token's map over the cells
     inside = torch.einsum("bnt,bjn->bjt", maps, coverage.to(weights.dtype))  # share of token t's map on object j

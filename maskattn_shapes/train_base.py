@@ -13,7 +13,8 @@ for classifier-free guidance, an EMA of the weights; the EMA is what is written,
 the same for every prompt, and the pooled vector is 0. --grounding adds the word-grounding loss
 (maskattn_shapes.grounding); base v2 was trained with 0.5 (scripts/shapes_v2.sh base). --drop-colours
 recaptions a share of the pictures with some objects named by their shape alone (colour-word dropout:
-EVIDENCE.md measures what it does to shapes and to binding; scripts/shapes_v2.sh shapes).
+EVIDENCE.md measures what it does to shapes and to binding; scripts/shapes_v2.sh shapes). --ground-nouns
+grounds the shape words only (scripts/shapes_v2.sh nouns).
 Latents and text encodings are computed once per run (each distinct caption once).
 """
 
@@ -55,6 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--grounding", type=_non_negative(float), default=0.0,
                    help="weight of the word-grounding loss (maskattn_shapes.grounding): each object's colour and shape "
                         "tokens attend at its cells; base v2 was trained with 0.5 (0: the noise loss alone)")
+    p.add_argument("--ground-nouns", action="store_true",
+                   help="the grounding loss grounds each object's shape word only, and asks an object's cells to attend to "
+                        "any object's words: nothing tells a colour word which object is its own (TokenCompose grounds nouns)")
     p.add_argument("--drop-colours", type=_fraction, default=0.0,
                    help="share of captioned pictures whose caption names some objects by their shape alone "
                         "(maskattn_shapes.world.without_colours), so that a shape word carries its shape by itself")
@@ -208,7 +212,7 @@ def main(argv=None):
             recaptioned = [without_colours(s, rng) for s in scenes]
         latents, caption_ids, contexts, pooled = encode_world(scenes, clip, shapes.ShapesCodec(), device, pool,
                                                               [recaptioned] if recaptioned else [])
-    targets = GroundingTargets(scenes + recaptioned, clip).to(device) if args.grounding else None
+    targets = GroundingTargets(scenes + recaptioned, clip, nouns=args.ground_nouns).to(device) if args.grounding else None
     empty_id = contexts.shape[0] - 1
     print(f"[shapes] {len(scenes)} pictures, {empty_id} distinct captions, {time.time() - started:.0f} s", flush=True)
 
@@ -270,7 +274,8 @@ def main(argv=None):
             noise_loss = torch.nn.functional.mse_loss(prediction.float(), v)
             loss = noise_loss
             if recorder is not None:
-                parts = [grounding_loss(w.float(), targets.tokens[target_idx], targets.coverage[w.shape[1]][target_idx], ~drop)
+                parts = [grounding_loss(w.float(), targets.tokens[target_idx], targets.coverage[w.shape[1]][target_idx], ~drop,
+                                        targets.pixel_tokens[target_idx])
                          for w in recorder.weights]
                 pixel = torch.stack([p for p, _ in parts]).mean()
                 token = torch.stack([t for _, t in parts]).mean()
@@ -305,7 +310,7 @@ def main(argv=None):
     with (out / "train_log.jsonl").open("a") as handle:
         for row in log:
             handle.write(json.dumps(row) + "\n")
-    provenance = {"steps": step, "grounding": args.grounding, "drop_colours": args.drop_colours, "init": Path(args.init).name if args.init else None, "batch": args.batch, "lr": args.lr, "ema": args.ema, "scenes": args.scenes,
+    provenance = {"steps": step, "grounding": args.grounding, "ground_nouns": args.ground_nouns, "drop_colours": args.drop_colours, "init": Path(args.init).name if args.init else None, "batch": args.batch, "lr": args.lr, "ema": args.ema, "scenes": args.scenes,
                   "world_seed": args.world_seed, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                   "minutes": round((time.time() - started) / 60, 1), "final_loss": loss_avg}
     shapes.save_base(weights, {k: v.float().cpu() for k, v in ema.state_dict().items()}, provenance, encoder=encoder)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The Shapes world v2, end to end on the CPU, as it was run for EVIDENCE.md (2 cores; each step resumable
 # or short). Steps: 1 fine-tune v1's UNet with the "words" text encoder and the word-grounding loss; 2 the diagnostics on it; 3 gates and the control on it; 4 the study.
-#   bash scripts/shapes_v2.sh base|shapes|longer|diagnose|gates|install|study
+#   bash scripts/shapes_v2.sh base|shapes|longer|nouns|diagnose|gates|install|study
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=.venv/bin/python
@@ -43,6 +43,12 @@ case "${1:-}" in
       --out "$out/shapes_v2_2_stage$stage" --init "$init" --scenes 8000 --steps 3000 --batch 32 --lr 2e-4 \
       --warmup 50 --ema 0.998 --save-every 100 --seed "$((stage - 1))" --minutes "${MINUTES:-$minutes}" ${RESUME:+--resume}
     ;;
+  nouns)  # base v2.3: base v2.2 (stage 2) trained on 30 more minutes with the grounding loss on the shape words only
+    # (train_base --ground-nouns: nothing tells a colour word which object is its own); RESUME=1 continues a stop
+    $py -m maskattn_shapes.train_base --text-encoder words --grounding 0.5 --ground-nouns \
+      --out "$out/shapes_v2_3" --init "$out/shapes_v2_2_stage2/shapes_base.safetensors" --scenes 8000 --steps 3000 \
+      --batch 32 --lr 2e-4 --warmup 50 --ema 0.998 --save-every 100 --seed 2 --minutes "${MINUTES:-30}" ${RESUME:+--resume}
+    ;;
   diagnose)
     $py -m maskattn_shapes.diagnose --weights "$out/shapes_v2/shapes_base.safetensors" --per-kind 40 --json "$out/diagnose_v2.json"
     $py -m maskattn_shapes.diagnose --weights "$out/shapes_base_v1.safetensors" --per-kind 40 --json "$out/diagnose_v1.json"
@@ -83,5 +89,5 @@ case "${1:-}" in
       --gates maskattn_shapes/gates/shapes_gates_high.safetensors maskattn_shapes/gates/shapes_gates_output_mask.safetensors
     $py -m maskattn_shapes.localisation --per-kind 10 --json "$out/localisation_v2.json" --gates maskattn_shapes/gates/*.safetensors
     ;;
-  *) echo "usage: bash scripts/shapes_v2.sh base|shapes|longer|diagnose|gates|install|study" >&2; exit 2 ;;
+  *) echo "usage: bash scripts/shapes_v2.sh base|shapes|longer|nouns|diagnose|gates|install|study" >&2; exit 2 ;;
 esac

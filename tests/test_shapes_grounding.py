@@ -50,6 +50,40 @@ def test_an_object_named_by_its_shape_alone_has_its_shape_columns_only(shapes_cl
     assert [list(map(int, row.nonzero()[0])) for row in tokens[:2]] == [[2], [8, 9, 10]]
 
 
+def test_nouns_ground_the_shape_words_and_let_the_cells_attend_to_any_objects_words(shapes_clip_words):
+    scene = _scene(Obj("red", "circle", 32.0, 64.0, 40.0), Obj("cyan", "square", 96.0, 64.0, 40.0))
+    tokens = grounding.object_tokens(shapes_clip_words, scene, nouns=True)
+    assert [list(map(int, row.nonzero()[0])) for row in tokens[:2]] == [[3], [11]]
+    targets = grounding.GroundingTargets([scene], shapes_clip_words, nouns=True)
+    assert torch.equal(targets.tokens[0], torch.from_numpy(tokens))
+    union = [2, 3, 9, 10, 11]
+    assert [list(map(int, row.nonzero())) for row in targets.pixel_tokens[0]] == [union, union, []]
+    plain = grounding.GroundingTargets([scene], shapes_clip_words)
+    assert plain.pixel_tokens is plain.tokens
+
+
+def test_with_nouns_a_colour_on_the_other_object_costs_nothing():
+    # one row, two objects (cells 0 and 1); words: 1 = first colour, 2 = first shape, 3 = second colour, 4 = second shape
+    coverage = torch.zeros(1, 3, 3)
+    coverage[0, 0, 0] = coverage[0, 1, 1] = 1.0
+    words = torch.zeros(1, 3, 6, dtype=torch.bool)
+    words[0, 0, [1, 2]] = words[0, 1, [3, 4]] = True
+    nouns = torch.zeros_like(words)
+    nouns[0, 0, 2] = nouns[0, 1, 4] = True
+    union = words.any(1, keepdim=True) & words.any(2, keepdim=True)
+    weights = torch.zeros(1, 3, 6)
+    weights[0, 0] = torch.tensor([0, 0, 0.5, 0.5, 0, 0])  # the first object's cell: its shape and the OTHER colour
+    weights[0, 1] = torch.tensor([0, 0.5, 0, 0, 0.5, 0])  # and the second's: its shape and the first colour
+    weights[0, 2] = torch.tensor([1.0, 0, 0, 0, 0, 0])
+    captioned = torch.tensor([True])
+    bound = grounding.grounding_loss(weights, words, coverage, captioned)
+    assert bound[0].item() == pytest.approx(0.5) and bound[1].item() == pytest.approx(0.5)  # the swap is penalised
+    free = grounding.grounding_loss(weights, nouns, coverage, captioned, union)
+    assert free[0].item() == 0.0 and free[1].item() == 0.0  # nouns on their objects, colours free
+    weights[0, 0] = torch.tensor([1.0, 0, 0, 0, 0, 0])  # the first object's cell on the start token
+    assert grounding.grounding_loss(weights, nouns, coverage, captioned, union)[0].item() == pytest.approx(0.5)
+
+
 def _case():
     """Two rows, two objects in the first (cells 0-1 and 2), one in the second; 4 cells, 6 tokens."""
     tokens = torch.zeros(2, 3, 6, dtype=torch.bool)
