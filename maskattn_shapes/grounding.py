@@ -67,18 +67,26 @@ class GroundingTargets:
     coverage at each latent side."""
 
     def __init__(self, scenes, clip, sides=(8, 4), nouns: bool = False):
-        by_caption = {}
+        by_caption, by_layout = {}, {}  # a caption's columns and a layout's coverage are computed once
 
         def columns(s, only_nouns):
             key = (s.caption, tuple((o.color, o.shape) for o in s.objects), only_nouns)
-            return by_caption.setdefault(key, object_tokens(clip, s, only_nouns))
+            if key not in by_caption:
+                by_caption[key] = object_tokens(clip, s, only_nouns)
+            return by_caption[key]
+
+        def coverage(s, side):  # a recaptioned scene (world.without_colours) shares its picture's layout
+            key = (s.objects, s.size, side)
+            if key not in by_layout:
+                by_layout[key] = object_coverage(s, side)
+            return by_layout[key]
 
         self.tokens = torch.from_numpy(np.stack([columns(s, nouns) for s in scenes]))
         self.pixel_tokens = self.tokens
         if nouns:
             words = torch.from_numpy(np.stack([columns(s, False) for s in scenes]))  # [S, J, T]
             self.pixel_tokens = words.any(dim=1, keepdim=True) & words.any(dim=2, keepdim=True)
-        self.coverage = {side * side: torch.from_numpy(np.stack([object_coverage(s, side) for s in scenes]))
+        self.coverage = {side * side: torch.from_numpy(np.stack([coverage(s, side) for s in scenes]))
                          for side in sides}
 
     def to(self, device):
