@@ -43,11 +43,17 @@ case "${1:-}" in
       --out "$out/shapes_v2_2_stage$stage" --init "$init" --scenes 8000 --steps 3000 --batch 32 --lr 2e-4 \
       --warmup 50 --ema 0.998 --save-every 100 --seed "$((stage - 1))" --minutes "${MINUTES:-$minutes}" ${RESUME:+--resume}
     ;;
-  nouns)  # base v2.3: base v2.2 (stage 2) trained on 30 more minutes with the grounding loss on the shape words only
-    # (train_base --ground-nouns: nothing tells a colour word which object is its own); RESUME=1 continues a stop
+  nouns)  # base v2.3: base v2.2 (stage 2) trained on with the grounding loss on the shape words only (train_base
+    # --ground-nouns: nothing tells a colour word which object is its own), STAGE=1 (30 min, seed 2) then 2 (30 min from
+    # stage 1, seed 3); RESUME=1 continues a stopped stage
+    case "${STAGE:-1}" in
+      1) init="$out/shapes_v2_2_stage2/shapes_base.safetensors"; dir="$out/shapes_v2_3"; seed=2 ;;
+      2) init="$out/shapes_v2_3/shapes_base.safetensors"; dir="$out/shapes_v2_3_stage2"; seed=3 ;;
+      *) echo "STAGE must be 1 or 2" >&2; exit 2 ;;
+    esac
     $py -m maskattn_shapes.train_base --text-encoder words --grounding 0.5 --ground-nouns \
-      --out "$out/shapes_v2_3" --init "$out/shapes_v2_2_stage2/shapes_base.safetensors" --scenes 8000 --steps 3000 \
-      --batch 32 --lr 2e-4 --warmup 50 --ema 0.998 --save-every 100 --seed 2 --minutes "${MINUTES:-30}" ${RESUME:+--resume}
+      --out "$dir" --init "$init" --scenes 8000 --steps 3000 \
+      --batch 32 --lr 2e-4 --warmup 50 --ema 0.998 --save-every 100 --seed "$seed" --minutes "${MINUTES:-30}" ${RESUME:+--resume}
     ;;
   diagnose)
     $py -m maskattn_shapes.diagnose --weights "$out/shapes_v2/shapes_base.safetensors" --per-kind 40 --json "$out/diagnose_v2.json"
