@@ -274,8 +274,8 @@ def main(argv=None):
             noise_loss = torch.nn.functional.mse_loss(prediction.float(), v)
             loss = noise_loss
             if recorder is not None:
-                parts = [grounding_loss(w.float(), targets.tokens[target_idx], targets.coverage[w.shape[1]][target_idx], ~drop,
-                                        targets.pixel_tokens[target_idx])
+                tokens, pixel_tokens = targets.tokens[target_idx], targets.pixel_tokens[target_idx]  # once per step
+                parts = [grounding_loss(w.float(), tokens, targets.coverage[w.shape[1]][target_idx], ~drop, pixel_tokens)
                          for w in recorder.weights]
                 pixel = torch.stack([p for p, _ in parts]).mean()
                 token = torch.stack([t for _, t in parts]).mean()

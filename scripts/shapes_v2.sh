@@ -7,6 +7,14 @@ cd "$(dirname "$0")/.."
 py=.venv/bin/python
 out=output
 mkdir -p "$out"
+v2="$out/shapes_base_v2.safetensors"  # the committed base v2 (commit 60a5b5e), where the stages that start from it read it
+fetch_v2() { [ -f "$v2" ] || git show 60a5b5e:maskattn_shapes/weights/shapes_base.safetensors > "$v2"; }
+finetune() {  # finetune OUT INIT SEED MINUTES [FLAGS...]: one stage of v2's fine-tuning recipe (MINUTES overrides the time)
+  local dir="$1" init="$2" seed="$3" minutes="$4"; shift 4
+  $py -m maskattn_shapes.train_base --text-encoder words --grounding 0.5 "$@" \
+    --out "$dir" --init "$init" --scenes 8000 --steps 3000 --batch 32 --lr 2e-4 \
+    --warmup 50 --ema 0.998 --save-every 100 --seed "$seed" --minutes "${MINUTES:-$minutes}" ${RESUME:+--resume}
+}
 case "${1:-}" in
   base)  # v1's UNet (git show 2611916:maskattn_shapes/weights/shapes_base.safetensors) fine-tuned with the "words"
     # text encoder (no attention: padding, start and end the same for every prompt; pooled vector 0) and the
@@ -20,40 +28,27 @@ case "${1:-}" in
     # 30 % of captions name some objects by their shape alone), two stages (30 and 35 minutes of training); STAGE=1|2,
     # RESUME=1 continues a stopped stage
     case "${STAGE:-1}" in
-      1) init="$out/shapes_base_v2.safetensors"; seed=0; minutes=30  # the committed base v2
-         [ -f "$init" ] || git show 60a5b5e:maskattn_shapes/weights/shapes_base.safetensors > "$init" ;;
-      2) init="$out/shapes_v2_1_stage1/shapes_base.safetensors"; seed=1; minutes=35 ;;
+      1) fetch_v2; finetune "$out/shapes_v2_1_stage1" "$v2" 0 30 --drop-colours 0.3 ;;
+      2) finetune "$out/shapes_v2_1_stage2" "$out/shapes_v2_1_stage1/shapes_base.safetensors" 1 35 --drop-colours 0.3 ;;
       *) echo "STAGE must be 1 or 2" >&2; exit 2 ;;
     esac
-    $py -m maskattn_shapes.train_base --text-encoder words --grounding 0.5 --drop-colours 0.3 \
-      --out "$out/shapes_v2_1_stage${STAGE:-1}" --init "$init" --scenes 8000 --steps 3000 --batch 32 --lr 2e-4 \
-      --warmup 50 --ema 0.998 --save-every 100 --seed "$seed" --minutes "${MINUTES:-$minutes}" ${RESUME:+--resume}
     ;;
-  longer)  # base v2.2: base v2 trained on longer WITHOUT colour-word dropout (v2.1's recipe otherwise), in stages of
-    # STAGE=1 (25 min, seed 0: v2.1's control), 2 (35 min, seed 1), 3 (35 min, seed 2), each from the previous
-    # stage's weights; RESUME=1 continues a stopped stage
-    stage="${STAGE:-1}"
-    case "$stage" in
-      1) init="$out/shapes_base_v2.safetensors"; minutes=25
-         [ -f "$init" ] || git show 60a5b5e:maskattn_shapes/weights/shapes_base.safetensors > "$init" ;;
-      2|3) init="$out/shapes_v2_2_stage$((stage - 1))/shapes_base.safetensors"; minutes=35 ;;
-      *) echo "STAGE must be 1, 2 or 3" >&2; exit 2 ;;
+  longer)  # base v2.2: base v2 trained on longer WITHOUT colour-word dropout (v2.1's recipe otherwise), STAGE=1 (25 min,
+    # seed 0: v2.1's control) then 2 (35 min from stage 1, seed 1); RESUME=1 continues a stopped stage
+    case "${STAGE:-1}" in
+      1) fetch_v2; finetune "$out/shapes_v2_2_stage1" "$v2" 0 25 ;;
+      2) finetune "$out/shapes_v2_2_stage2" "$out/shapes_v2_2_stage1/shapes_base.safetensors" 1 35 ;;
+      *) echo "STAGE must be 1 or 2" >&2; exit 2 ;;
     esac
-    $py -m maskattn_shapes.train_base --text-encoder words --grounding 0.5 \
-      --out "$out/shapes_v2_2_stage$stage" --init "$init" --scenes 8000 --steps 3000 --batch 32 --lr 2e-4 \
-      --warmup 50 --ema 0.998 --save-every 100 --seed "$((stage - 1))" --minutes "${MINUTES:-$minutes}" ${RESUME:+--resume}
     ;;
   nouns)  # base v2.3: base v2.2 (stage 2) trained on with the grounding loss on the shape words only (train_base
     # --ground-nouns: nothing tells a colour word which object is its own), STAGE=1 (30 min, seed 2) then 2 (30 min from
     # stage 1, seed 3); RESUME=1 continues a stopped stage
     case "${STAGE:-1}" in
-      1) init="$out/shapes_v2_2_stage2/shapes_base.safetensors"; dir="$out/shapes_v2_3"; seed=2 ;;
-      2) init="$out/shapes_v2_3/shapes_base.safetensors"; dir="$out/shapes_v2_3_stage2"; seed=3 ;;
+      1) finetune "$out/shapes_v2_3" "$out/shapes_v2_2_stage2/shapes_base.safetensors" 2 30 --ground-nouns ;;
+      2) finetune "$out/shapes_v2_3_stage2" "$out/shapes_v2_3/shapes_base.safetensors" 3 30 --ground-nouns ;;
       *) echo "STAGE must be 1 or 2" >&2; exit 2 ;;
     esac
-    $py -m maskattn_shapes.train_base --text-encoder words --grounding 0.5 --ground-nouns \
-      --out "$dir" --init "$init" --scenes 8000 --steps 3000 \
-      --batch 32 --lr 2e-4 --warmup 50 --ema 0.998 --save-every 100 --seed "$seed" --minutes "${MINUTES:-30}" ${RESUME:+--resume}
     ;;
   diagnose)
     $py -m maskattn_shapes.diagnose --weights "$out/shapes_v2/shapes_base.safetensors" --per-kind 40 --json "$out/diagnose_v2.json"
