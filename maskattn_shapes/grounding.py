@@ -98,15 +98,18 @@ class GroundingTargets:
 
 class AttentionRecorder:
     """An attn2 replace that computes softmax attention explicitly (autograd flows through it) and
-    keeps each layer's head-mean weights [B, N, T] at the resolutions that have targets; `clear()`
-    between training steps."""
+    keeps each layer's head-mean weights [B, N, T] at the resolutions that have targets and, with
+    `peaks`, every layer's per-head maximum weight [B, H, N] (for `saturation_loss`); `clear()` between
+    training steps."""
 
-    def __init__(self, locations):
+    def __init__(self, locations, peaks: bool = False):
         self.locations = set(locations)
+        self.keep_peaks = peaks
         self.weights: list[torch.Tensor] = []
+        self.peaks: list[torch.Tensor] = []
 
     def clear(self) -> None:
-        self.weights = []
+        self.weights, self.peaks = [], []
 
     def __call__(self, q, k, v, extra_options):
         heads = extra_options["n_heads"]
@@ -115,6 +118,8 @@ class AttentionRecorder:
         weights = torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(width // heads), dim=-1)
         if locations in self.locations:
             self.weights.append(weights.mean(dim=1))
+        if self.keep_peaks:
+            self.peaks.append(weights.amax(dim=-1))
         return (weights @ vh).transpose(1, 2).reshape(batch, locations, width)
 
     def transformer_options(self, unet) -> dict:
@@ -141,3 +146,11 @@ def grounding_loss(weights: torch.Tensor, tokens: torch.Tensor, coverage: torch.
     words = t * present[..., None]
     token = (words * (1 - inside)).sum() / words.sum().clamp_min(1.0)
     return pixel, token
+
+
+def saturation_loss(peaks: list[torch.Tensor], cap: float) -> torch.Tensor:
+    """How far the heads' maximum attention weights `peaks` (one [B, H, N] per layer) rise above `cap`:
+    the mean of max(0, peak - cap) over layers, rows, heads and locations; 0 when no head at any
+    location puts more than `cap` of its weight on one token (diagnose's "mean max weight" is the
+    mean of these peaks)."""
+    return torch.stack([(p.float() - cap).clamp_min(0).mean() for p in peaks]).mean()

@@ -14,7 +14,8 @@ the same for every prompt, and the pooled vector is 0. --grounding adds the word
 (maskattn_shapes.grounding); base v2 was trained with 0.5 (scripts/shapes_v2.sh base). --drop-colours
 recaptions a share of the pictures with some objects named by their shape alone (colour-word dropout:
 EVIDENCE.md measures what it does to shapes and to binding; scripts/shapes_v2.sh shapes). --ground-nouns
-grounds the shape words only (scripts/shapes_v2.sh nouns).
+grounds the shape words only (scripts/shapes_v2.sh nouns). --max-weight CAP adds the saturation loss: each
+head's largest attention weight above CAP, on every cross-attention layer (scripts/shapes_v2.sh soften).
 Latents and text encodings are computed once per run (each distinct caption once).
 """
 
@@ -33,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from maskattn_shapes.grounding import AttentionRecorder, GroundingTargets, grounding_loss
+from maskattn_shapes.grounding import AttentionRecorder, GroundingTargets, grounding_loss, saturation_loss
 
 
 def parse_args(argv=None):
@@ -59,6 +60,10 @@ def parse_args(argv=None):
     p.add_argument("--ground-nouns", action="store_true",
                    help="the grounding loss grounds each object's shape word only, and asks an object's cells to attend to "
                         "any object's words: nothing tells a colour word which object is its own (TokenCompose grounds nouns)")
+    p.add_argument("--max-weight", type=_fraction, default=None, metavar="CAP",
+                   help="with --grounding: add the saturation loss (maskattn_shapes.grounding.saturation_loss), how far "
+                        "each head's largest attention weight rises above CAP at each location, on every attn2 layer "
+                        "(a saturated softmax puts all of a head's weight on one token; diagnose measures it)")
     p.add_argument("--drop-colours", type=_fraction, default=0.0,
                    help="share of captioned pictures whose caption names some objects by their shape alone "
                         "(maskattn_shapes.world.without_colours), so that a shape word carries its shape by itself")
@@ -74,6 +79,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU is visible to torch here; use --device cpu")
+    if args.max_weight is not None and not args.grounding:
+        p.error("--max-weight needs --grounding (the saturation loss uses the grounding loss's attention recorder)")
     if args.init and not Path(args.init).is_file():
         p.error(f"--init {args.init}: no such file")
     return args
@@ -239,7 +246,7 @@ def main(argv=None):
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     loss_avg, grounding_avg, tick, training_started = None, None, time.time(), time.time() - trained_before
-    recorder = AttentionRecorder(targets.coverage) if targets is not None else None
+    recorder = AttentionRecorder(targets.coverage, peaks=args.max_weight is not None) if targets is not None else None
     recorded = recorder.transformer_options(unet) if recorder is not None else {}
 
     def progress() -> float:
@@ -279,8 +286,9 @@ def main(argv=None):
                          for w in recorder.weights]
                 pixel = torch.stack([p for p, _ in parts]).mean()
                 token = torch.stack([t for _, t in parts]).mean()
-                grounding_avg = [_smoothed(a, x.item()) for a, x in zip(grounding_avg or (None, None), (pixel, token))]
-                loss = loss + args.grounding * (pixel + token)
+                saturation = saturation_loss(recorder.peaks, args.max_weight) if recorder.keep_peaks else pixel * 0
+                grounding_avg = [_smoothed(a, x.item()) for a, x in zip(grounding_avg or (None,) * 3, (pixel, token, saturation))]
+                loss = loss + args.grounding * (pixel + token) + saturation
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -294,8 +302,10 @@ def main(argv=None):
                 rate = 50 / (time.time() - tick)
                 tick = time.time()
                 log.append({"step": step, "loss": loss_avg, "lr": optimizer.param_groups[0]["lr"], "steps_per_s": rate,
-                            **({"pixel": grounding_avg[0], "token": grounding_avg[1]} if grounding_avg else {})})
-                grounded = f" grounding pixel {grounding_avg[0]:.3f} token {grounding_avg[1]:.3f}" if grounding_avg else ""
+                            **({"pixel": grounding_avg[0], "token": grounding_avg[1], "saturation": grounding_avg[2]}
+                               if grounding_avg else {})})
+                grounded = (f" grounding pixel {grounding_avg[0]:.3f} token {grounding_avg[1]:.3f}"
+                            f" saturation {grounding_avg[2]:.4f}") if grounding_avg else ""
                 print(f"[shapes] step {step} ({progress():.0%}) loss {loss_avg:.4f}{grounded} {rate:.2f} steps/s", flush=True)
             if step % args.save_every == 0 or stop["asked"]:
                 checkpoint_now()
@@ -310,7 +320,7 @@ def main(argv=None):
     with (out / "train_log.jsonl").open("a") as handle:
         for row in log:
             handle.write(json.dumps(row) + "\n")
-    provenance = {"steps": step, "grounding": args.grounding, "ground_nouns": args.ground_nouns, "drop_colours": args.drop_colours, "init": Path(args.init).name if args.init else None, "batch": args.batch, "lr": args.lr, "ema": args.ema, "scenes": args.scenes,
+    provenance = {"steps": step, "grounding": args.grounding, "ground_nouns": args.ground_nouns, "max_weight": args.max_weight, "drop_colours": args.drop_colours, "init": Path(args.init).name if args.init else None, "batch": args.batch, "lr": args.lr, "ema": args.ema, "scenes": args.scenes,
                   "world_seed": args.world_seed, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                   "minutes": round((time.time() - started) / 60, 1), "final_loss": loss_avg}
     shapes.save_base(weights, {k: v.float().cpu() for k, v in ema.state_dict().items()}, provenance, encoder=encoder)

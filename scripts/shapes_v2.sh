@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The Shapes world v2, end to end on the CPU, as it was run for EVIDENCE.md (2 cores; each step resumable
 # or short). Steps: 1 fine-tune v1's UNet with the "words" text encoder and the word-grounding loss; 2 the diagnostics on it; 3 gates and the control on it; 4 the study.
-#   bash scripts/shapes_v2.sh base|shapes|longer|nouns|diagnose|gates|install|study
+#   bash scripts/shapes_v2.sh base|shapes|longer|nouns|soften|diagnose|gates|install|study
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=.venv/bin/python
@@ -50,6 +50,10 @@ case "${1:-}" in
       *) echo "STAGE must be 1 or 2" >&2; exit 2 ;;
     esac
     ;;
+  soften)  # base v2.4: base v2.3 (stage 2) trained on 20 min (seed 4) with the saturation loss (train_base --max-weight
+    # 0.8: each head's largest attention weight above 0.8 is penalised; v2.3's heads put 0.97 on one token); RESUME=1
+    finetune "$out/shapes_v2_4" "$out/shapes_v2_3_stage2/shapes_base.safetensors" 4 20 --ground-nouns --max-weight 0.8
+    ;;
   diagnose)
     $py -m maskattn_shapes.diagnose --weights "$out/shapes_v2/shapes_base.safetensors" --per-kind 40 --json "$out/diagnose_v2.json"
     $py -m maskattn_shapes.diagnose --weights "$out/shapes_base_v1.safetensors" --per-kind 40 --json "$out/diagnose_v1.json"
@@ -90,5 +94,5 @@ case "${1:-}" in
       --gates maskattn_shapes/gates/shapes_gates_high.safetensors maskattn_shapes/gates/shapes_gates_output_mask.safetensors
     $py -m maskattn_shapes.localisation --per-kind 10 --json "$out/localisation_v2.json" --gates maskattn_shapes/gates/*.safetensors
     ;;
-  *) echo "usage: bash scripts/shapes_v2.sh base|shapes|longer|nouns|diagnose|gates|install|study" >&2; exit 2 ;;
+  *) echo "usage: bash scripts/shapes_v2.sh base|shapes|longer|nouns|soften|diagnose|gates|install|study" >&2; exit 2 ;;
 esac

@@ -153,3 +153,44 @@ def test_the_recorder_is_the_models_own_attention(shapes_clip_words):
     assert sizes == [16] * 12 + [64] * 5  # SDXL's 17 attn2 layers (input 4-5 and output 3-5 at 8x8)
     for w in recorder.weights:
         assert torch.allclose(w.sum(-1), torch.ones(()), atol=1e-5) and math.isfinite(w.sum().item())
+
+
+def test_the_saturation_loss_is_the_mean_excess_over_the_cap():
+    peaks = [torch.tensor([[[0.9, 0.5]]]), torch.tensor([[[1.0]]])]  # two layers' [B, H, N] head maxima
+    assert grounding.saturation_loss(peaks, 0.8).item() == pytest.approx((0.05 + 0.2) / 2)
+    assert grounding.saturation_loss(peaks, 1.0 - 1e-9).item() == pytest.approx(0.0, abs=1e-8)
+
+
+def test_the_saturation_loss_softens_the_models_heads(shapes_clip_words):
+    """The recorder's peaks are each attn2 layer's per-head maxima [B, H, N] (17 layers, not just the targets'
+    resolutions), and a gradient step on the saturation loss lowers the heads' mean maximum weight."""
+    from maskattn_shapes import model as shapes
+
+    unet = shapes.shapes_unet(seed=3).model.diffusion_model.train().requires_grad_(True)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 16, 16, generator=generator)
+    context, _ = shapes.encode_captions(shapes_clip_words, [PAIR, "a green triangle"])
+    y, t = torch.randn(2, 2816, generator=generator), torch.tensor([500.0, 900.0])
+    recorder = grounding.AttentionRecorder({64}, peaks=True)
+    options = recorder.transformer_options(unet)
+
+    def mean_peak():
+        recorder.clear()
+        unet(x, timesteps=t, context=context, y=y, transformer_options=options)
+        return torch.stack([p.mean() for p in recorder.peaks]).mean()
+
+    before = mean_peak()
+    assert len(recorder.peaks) == 17 and len(recorder.weights) == 5
+    assert all(p.shape[0] == 2 and p.shape[1] > 1 and p.shape[2] in (64, 16) for p in recorder.peaks)
+    fine = [p for p in recorder.peaks if p.shape[2] == 64]
+    for peak, weights in zip(fine, recorder.weights):  # the heads' maxima bound their mean's maximum from above
+        assert (peak.mean(1) >= weights.amax(-1) - 1e-6).all() and (peak <= 1).all()
+    loss = grounding.saturation_loss(recorder.peaks, cap=0.0)  # every peak counts: the loss is the mean peak itself
+    assert loss.item() == pytest.approx(before.item(), rel=1e-6)
+    loss.backward()
+    moved = [p for p in unet.parameters() if p.grad is not None]
+    norm = torch.stack([p.grad.norm() for p in moved]).norm()
+    with torch.no_grad():
+        for p in moved:
+            p -= 0.05 * p.grad / norm  # a small step down the gradient, 0.05 long in all
+    assert mean_peak().item() < before.item() - 1e-3

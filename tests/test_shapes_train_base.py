@@ -22,11 +22,11 @@ def test_a_short_run_with_grounding_and_colour_dropout_writes_a_base_that_reads_
                      "--batch", "4", "--warmup", "1", "--threads", "1"])
     train_base.main(["--out", str(tmp_path / "run"), "--init", str(init), "--scenes", "24", "--steps", "3",
                      "--batch", "8", "--warmup", "1", "--grounding", "0.5", "--drop-colours", "0.5", "--ground-nouns",
-                     "--threads", "1"])
+                     "--max-weight", "0.85", "--threads", "1"])
     state, meta = read_base(tmp_path / "run" / "shapes_base.safetensors")
     provenance = json.loads(meta["provenance"])
     assert provenance["steps"] == 3 and provenance["drop_colours"] == 0.5 and provenance["grounding"] == 0.5
-    assert provenance["ground_nouns"] is True
+    assert provenance["ground_nouns"] is True and provenance["max_weight"] == 0.85
     assert provenance["init"] == "init.safetensors" and meta["text_encoder"] == "words"
     first, _ = read_base(init)
     assert all(torch.isfinite(v).all() for v in state.values())
