@@ -50,9 +50,17 @@ case "${1:-}" in
       *) echo "STAGE must be 1 or 2" >&2; exit 2 ;;
     esac
     ;;
-  soften)  # base v2.4: base v2.3 (stage 2) trained on 20 min (seed 4) with the saturation loss (train_base --max-weight
-    # 0.8: each head's largest attention weight above 0.8 is penalised; v2.3's heads put 0.97 on one token); RESUME=1
-    finetune "$out/shapes_v2_4" "$out/shapes_v2_3_stage2/shapes_base.safetensors" 4 20 --ground-nouns --max-weight 0.8
+  soften)  # base v2.4: base v2.3 (stage 2) trained on with the saturation loss (train_base --max-weight CAP: each head's
+    # largest attention weight above CAP is penalised; v2.3's heads put 0.97 on one token): STAGE=1 (20 min, seed 4, cap
+    # 0.8), 2 (30 min from stage 1, seed 5, cap 0.83), 3 (30 min from stage 2, seed 6, cap 0.85, colour-word dropout
+    # 0.3 as in v2.1: the shape word alone must carry its shape); RESUME=1 continues a stopped stage
+    case "${STAGE:-1}" in
+      1) finetune "$out/shapes_v2_4" "$out/shapes_v2_3_stage2/shapes_base.safetensors" 4 20 --ground-nouns --max-weight 0.8 ;;
+      2) finetune "$out/shapes_v2_4_stage2" "$out/shapes_v2_4/shapes_base.safetensors" 5 30 --ground-nouns --max-weight 0.83 ;;
+      3) finetune "$out/shapes_v2_4_stage3" "$out/shapes_v2_4_stage2/shapes_base.safetensors" 6 30 --ground-nouns \
+           --max-weight 0.85 --drop-colours 0.3 ;;
+      *) echo "STAGE must be 1, 2 or 3" >&2; exit 2 ;;
+    esac
     ;;
   diagnose)
     $py -m maskattn_shapes.diagnose --weights "$out/shapes_v2/shapes_base.safetensors" --per-kind 40 --json "$out/diagnose_v2.json"
@@ -67,7 +75,7 @@ case "${1:-}" in
     [ -d "$out/world_v2" ] || $py -m maskattn_shapes.world "$out/world_v2" --n 1200 --seed 0
     seed="${SEED:-0}"
     common=(--checkpoint maskattn-shapes --data "$out/world_v2" --resolution 128 --batch-size 8 --grad-accum 1
-            --lr 3e-4 --warmup-steps 30 --steps "${STEPS:-300}" --seed "$seed" --cpu --no-install)
+            --lr 3e-4 --warmup-steps 30 --steps "${STEPS:-600}" --seed "$seed" --cpu --no-install)
     run() {  # run NAME FLAGS...: one variant, skipped when ONLY is set and does not name it
       local name="$1"; shift
       if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
