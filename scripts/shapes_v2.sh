@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The Shapes world v2, end to end on the CPU, as it was run for EVIDENCE.md (2 cores; each step resumable
 # or short). Steps: 1 fine-tune v1's UNet with the "words" text encoder and the word-grounding loss; 2 the diagnostics on it; 3 gates and the control on it; 4 the study.
-#   bash scripts/shapes_v2.sh base|shapes|longer|nouns|soften|diagnose|gates|install|study
+#   bash scripts/shapes_v2.sh base|shapes|longer|nouns|soften|temper|diagnose|gates|install|study
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=.venv/bin/python
@@ -62,6 +62,9 @@ case "${1:-}" in
       *) echo "STAGE must be 1, 2 or 3" >&2; exit 2 ;;
     esac
     ;;
+  temper)  # base v2.5, the committed base: base v2.3 (stage 2) with every cross-attention logit x 0.25 (maskattn_shapes.temper)
+    $py -m maskattn_shapes.temper "$out/shapes_v2_3_stage2/shapes_base.safetensors" 0.25 "$out/shapes_v2_5/shapes_base.safetensors"
+    ;;
   diagnose)
     $py -m maskattn_shapes.diagnose --weights "$out/shapes_v2/shapes_base.safetensors" --per-kind 40 --json "$out/diagnose_v2.json"
     $py -m maskattn_shapes.diagnose --weights "$out/shapes_base_v1.safetensors" --per-kind 40 --json "$out/diagnose_v1.json"
@@ -102,5 +105,5 @@ case "${1:-}" in
       --gates maskattn_shapes/gates/shapes_gates_high.safetensors maskattn_shapes/gates/shapes_gates_output_mask.safetensors
     $py -m maskattn_shapes.localisation --per-kind 10 --json "$out/localisation_v2.json" --gates maskattn_shapes/gates/*.safetensors
     ;;
-  *) echo "usage: bash scripts/shapes_v2.sh base|shapes|longer|nouns|soften|diagnose|gates|install|study" >&2; exit 2 ;;
+  *) echo "usage: bash scripts/shapes_v2.sh base|shapes|longer|nouns|soften|temper|diagnose|gates|install|study" >&2; exit 2 ;;
 esac

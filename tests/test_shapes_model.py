@@ -86,9 +86,17 @@ def test_the_text_encoder_keeps_each_word_to_itself(shapes_world):
 
 
 def test_the_base_draws_the_prompted_shape(shapes_world):
+    """Four seeds of three seen combinations: the committed base draws the prompted object in at least 8 of 12
+    (9 here; its misses are unreadable shapes of the right colour; a base that ignores its words draws the
+    prompted one of 21 combinations about 1 time in 21)."""
     model, clip, vae = shapes_world
-    found = [(f.color, f.shape) for f in read_image(sample(model, clip, vae, "a green square", seed=1))]
-    assert ("green", "square") in found, found
+    drawn = []
+    for text, wanted in (("a green square", ("green", "square")), ("a red circle", ("red", "circle")),
+                         ("a blue triangle", ("blue", "triangle"))):
+        for seed in range(4):
+            found = [(f.color, f.shape) for f in read_image(sample(model, clip, vae, text, seed=seed))]
+            drawn.append((text, seed, wanted in found, found))
+    assert sum(ok for _, _, ok, _ in drawn) >= 8, drawn
 
 
 def test_the_committed_gates_change_the_sample_and_strength_0_does_not(shapes_world):
@@ -121,3 +129,26 @@ def test_the_shapes_workflow_runs_on_a_real_server_with_the_shipped_gates(tmp_pa
         picture = np.asarray(Image.open(sample_png).convert("RGB"))
         assert picture.shape == (128, 128, 3)
         assert read_image(picture), "the sample holds no shape the evaluator can read"
+
+
+def test_temper_scales_every_cross_attention_logit_and_nothing_else(tmp_path):
+    """maskattn_shapes.temper: the key projections of the 17 attn2 layers x factor, so each logit q.k is factor
+    times what it was (checked on a layer's weights); every other tensor is the same; the written base reads back."""
+    from maskattn_shapes import temper
+
+    state = shapes.shapes_unet(seed=2).model.diffusion_model.state_dict()
+    tempered = temper.temper(state, 0.25)
+    scaled = [k for k in state if not torch.equal(state[k], tempered[k])]
+    assert len(scaled) == 17 and all(k.endswith("attn2.to_k.weight") for k in scaled)
+    key = scaled[0]
+    q, context = torch.randn(3, state[key].shape[0]), torch.randn(5, state[key].shape[1])
+    logits = q @ (context @ state[key].T).T
+    assert torch.allclose(q @ (context @ tempered[key].T).T, 0.25 * logits, rtol=1e-5, atol=1e-6)
+    source = tmp_path / "in.safetensors"
+    shapes.save_base(source, state, {"steps": 1})
+    assert temper.main([str(source), "0.25", str(tmp_path / "out.safetensors")]) == 0
+    back, meta = shapes.read_base(tmp_path / "out.safetensors")
+    assert json.loads(meta["provenance"])["tempered"]["attn2_key_scale"] == 0.25
+    assert (back[key] - tempered[key]).abs().max() <= tempered[key].abs().max() / 100  # 8-bit storage
+    with pytest.raises(SystemExit):
+        temper.main([str(source), "0", str(tmp_path / "zero.safetensors")])
